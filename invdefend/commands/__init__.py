@@ -1,0 +1,1 @@
+"""Subcommands of the ``invdefend`` command line (see :mod:`invdefend.cli`)."""

@@ -1,0 +1,72 @@
+"""Data that ships with installed packages: scikit-learn's digits and its two sample photographs.
+
+Nothing here downloads anything. Images are returned as float tensors in ``[0, 1]`` (dynamic range 1).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["load_digits_tensors", "natural_image_patches", "digits_split"]
+
+
+def load_digits_tensors(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8x8 digits as ``(1797, 1, 8, 8)`` images in [0, 1] and ``(1797,)`` int64 labels."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.tensor(bunch.images / 16.0, dtype=dtype).unsqueeze(1)
+    labels = torch.tensor(bunch.target, dtype=torch.long)
+    return images, labels
+
+
+def digits_split(
+    test_fraction: float = 0.25, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A seeded train/test split of the digits: ``(x_train, y_train, x_test, y_test)``."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"invdefend.data.digits_split: test_fraction={test_fraction} must be in (0, 1)")
+    x, y = load_digits_tensors(dtype)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    n_test = int(round(test_fraction * len(x)))
+    test, train = perm[:n_test], perm[n_test:]
+    return x[train], y[train], x[test], y[test]
+
+
+def natural_image_patches(
+    n: int,
+    size: int = 32,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    min_std: float = 0.08,
+) -> torch.Tensor:
+    """``n`` RGB patches ``(n, 3, size, size)`` in [0, 1], cut at seeded random places from the two photos
+    scikit-learn ships (``load_sample_images``: china.jpg, flower.jpg), alternating between them.
+
+    Patches are downsampled 4x from a ``4*size`` window so that they hold objects rather than texture,
+    and flat patches (per-pixel std below ``min_std``) are skipped.
+    """
+    from sklearn.datasets import load_sample_images
+
+    if n < 1 or size < 4:
+        raise ValueError(f"invdefend.data.natural_image_patches: need n >= 1 and size >= 4, got n={n}, size={size}")
+    photos = [np.asarray(img, dtype=np.float64) / 255.0 for img in load_sample_images().images]
+    rng = np.random.default_rng(seed)
+    window = 4 * size
+    out: list[np.ndarray] = []
+    attempts = 0
+    while len(out) < n:
+        attempts += 1
+        if attempts > 100 * n:
+            raise RuntimeError("invdefend.data.natural_image_patches: could not find enough textured patches")
+        photo = photos[len(out) % len(photos)]
+        h, w, _ = photo.shape
+        top = int(rng.integers(0, h - window))
+        left = int(rng.integers(0, w - window))
+        crop = photo[top : top + window, left : left + window]
+        patch = crop.reshape(size, 4, size, 4, 3).mean(axis=(1, 3))
+        if patch.std() < min_std:
+            continue
+        out.append(patch.transpose(2, 0, 1))
+    return torch.tensor(np.stack(out), dtype=dtype)

@@ -1,0 +1,386 @@
+"""InvRE: the attack-agnostic reconstruction-risk estimator over a batch, a data loader or checkpoints.
+
+For every sample it estimates the top-k singular values of the Jacobian of what the client shares
+(per-sample gradient or cut-layer embedding), a quadrature rule for the rest of the spectrum, and turns
+them into InvLoss, predicted PSNR and leakage (:mod:`invdefend.risk`). Nothing in it runs an attack.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .jacobian import JacobianOperator, embedding_jacobian, gradient_jacobian
+from .risk import DEFAULT_RHO, NoiseModel, RiskEstimate, default_prior_variance
+from .spectral import Spectrum, exact_spectrum, tail_quadrature, topk_spectrum
+
+__all__ = ["InvRE", "RiskReport", "estimate_gradient_spectrum", "estimate_embedding_spectrum", "summarise"]
+
+Target = Literal["gradient", "embedding"]
+Method = Literal["subspace", "exact"]
+
+
+def _estimate(
+    op: JacobianOperator,
+    *,
+    k: int,
+    method: Method,
+    tail: bool,
+    init: Spectrum | Tensor | None,
+    max_sweeps: int,
+    tol: float,
+    oversample: int,
+    slq_probes: int,
+    slq_steps: int,
+    generator: torch.Generator | None,
+) -> Spectrum:
+    if method == "exact":
+        return exact_spectrum(op)  # the whole spectrum: risk is then exact, no tail treatment needed
+    if method != "subspace":
+        raise ValueError(f"invdefend: method={method!r}; choose 'subspace' or 'exact'")
+    spec = topk_spectrum(op, k, oversample=oversample, max_sweeps=max_sweeps, tol=tol, init=init, generator=generator)
+    if tail and not spec.complete:
+        spec.tail = tail_quadrature(op, spec, probes=slq_probes, steps=slq_steps, generator=generator)
+    return spec
+
+
+def estimate_gradient_spectrum(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    k: int = 16,
+    method: Method = "subspace",
+    tail: bool = False,
+    init: Spectrum | Tensor | None = None,
+    max_sweeps: int = 12,
+    tol: float = 1e-2,
+    oversample: int = 16,
+    slq_probes: int = 4,
+    slq_steps: int = 24,
+    mode: Literal["eval", "train"] = "eval",
+    generator: torch.Generator | None = None,
+) -> Spectrum:
+    """Top-k spectrum of ``∂(per-sample gradient)/∂input`` for every sample of a batch.
+
+    ``method="exact"`` builds J and takes its SVD; ``"subspace"`` runs the block Krylov estimator
+    (warm-started from ``init`` if given). ``tail=True`` adds a Lanczos quadrature rule for the rest.
+    """
+    op = gradient_jacobian(model, loss_fn, inputs, targets, mode=mode)
+    return _estimate(
+        op, k=k, method=method, tail=tail, init=init, max_sweeps=max_sweeps, tol=tol, oversample=oversample,
+        slq_probes=slq_probes, slq_steps=slq_steps, generator=generator,
+    )
+
+
+def estimate_embedding_spectrum(
+    bottom: nn.Module,
+    inputs: Tensor,
+    *,
+    k: int = 16,
+    method: Method = "subspace",
+    tail: bool = False,
+    init: Spectrum | Tensor | None = None,
+    max_sweeps: int = 12,
+    tol: float = 1e-2,
+    oversample: int = 16,
+    slq_probes: int = 4,
+    slq_steps: int = 24,
+    mode: Literal["eval", "train"] = "eval",
+    generator: torch.Generator | None = None,
+) -> Spectrum:
+    """Top-k spectrum of ``∂(cut-layer embedding)/∂input`` for every sample of a batch."""
+    op = embedding_jacobian(bottom, inputs, mode=mode)
+    return _estimate(
+        op, k=k, method=method, tail=tail, init=init, max_sweeps=max_sweeps, tol=tol, oversample=oversample,
+        slq_probes=slq_probes, slq_steps=slq_steps, generator=generator,
+    )
+
+
+def summarise(values: Iterable[float]) -> dict[str, float]:
+    """``{"mean", "p95", "max", "min"}`` of finite values."""
+    arr = np.asarray(list(values), dtype=np.float64)
+    if arr.size == 0:
+        return {"mean": math.nan, "p95": math.nan, "max": math.nan, "min": math.nan}
+    return {
+        "mean": float(arr.mean()),
+        "p95": float(np.percentile(arr, 95)),
+        "max": float(arr.max()),
+        "min": float(arr.min()),
+    }
+
+
+@dataclass
+class RiskReport:
+    """InvRE's output: per-sample risk, aggregates and how it was estimated. JSON-serialisable."""
+
+    predicted_psnr: list[float]
+    leakage: list[float]
+    invloss: list[float]
+    singular_values: list[list[float]]
+    settings: dict[str, Any]
+    estimator: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+
+    @property
+    def n_samples(self) -> int:
+        """Number of samples assessed."""
+        return len(self.invloss)
+
+    @property
+    def aggregates(self) -> dict[str, dict[str, float]]:
+        """Mean, p95, max (and min) of predicted PSNR, leakage and InvLoss."""
+        return {
+            "predicted_psnr": summarise(self.predicted_psnr),
+            "leakage": summarise(self.leakage),
+            "invloss": summarise(self.invloss),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (lists and floats) with the aggregates included."""
+        out = asdict(self)
+        out["n_samples"] = self.n_samples
+        out["aggregates"] = self.aggregates
+        return out
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """JSON text of :meth:`to_dict`."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`to_json` to ``path`` (parents created); returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RiskReport":
+        """Rebuild a report from :meth:`to_dict` output."""
+        keys = ("predicted_psnr", "leakage", "invloss", "singular_values", "settings", "estimator", "name")
+        return cls(**{k: data[k] for k in keys if k in data})
+
+    @classmethod
+    def merge(cls, reports: list["RiskReport"], name: str = "") -> "RiskReport":
+        """Concatenate reports of the same settings (e.g. the batches of a loader)."""
+        if not reports:
+            raise ValueError("invdefend.RiskReport.merge: no reports to merge")
+        est = dict(reports[0].estimator)
+        est["sweeps_max"] = max(r.estimator.get("sweeps_max", 0) for r in reports)
+        est["converged_fraction"] = float(
+            np.average([r.estimator.get("converged_fraction", 1.0) for r in reports], weights=[r.n_samples for r in reports])
+        )
+        est["seconds"] = float(sum(r.estimator.get("seconds", 0.0) for r in reports))
+        return cls(
+            predicted_psnr=sum((r.predicted_psnr for r in reports), []),
+            leakage=sum((r.leakage for r in reports), []),
+            invloss=sum((r.invloss for r in reports), []),
+            singular_values=sum((r.singular_values for r in reports), []),
+            settings=reports[0].settings,
+            estimator=est,
+            name=name or reports[0].name,
+        )
+
+    def table(self) -> str:
+        """A small text table of the aggregates."""
+        return format_comparison({self.name or "model": self})
+
+
+def format_comparison(reports: Mapping[str, RiskReport]) -> str:
+    """A text table comparing reports (architectures, checkpoints) on the same data."""
+    header = f"{'name':<24} {'n':>5} {'PSNR mean':>10} {'PSNR p95':>9} {'PSNR max':>9} {'leak mean':>10} {'leak max':>9} {'tail':>6}"
+    rows = [header, "-" * len(header)]
+    for name, rep in reports.items():
+        a = rep.aggregates
+        rows.append(
+            f"{name[:24]:<24} {rep.n_samples:>5d} {a['predicted_psnr']['mean']:>10.2f} {a['predicted_psnr']['p95']:>9.2f} "
+            f"{a['predicted_psnr']['max']:>9.2f} {a['leakage']['mean']:>10.4f} {a['leakage']['max']:>9.4f} "
+            f"{rep.estimator.get('tail', '?'):>6}"
+        )
+    return "\n".join(rows)
+
+
+class InvRE:
+    """Attack-agnostic reconstruction-risk estimator.
+
+    Args:
+        model: the model whose training signal is shared (``target="gradient"``), or the client's bottom
+            model up to the cut layer (``target="embedding"``).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar`` (gradient target only).
+        target: ``"gradient"`` or ``"embedding"``.
+        k: singular triplets estimated per sample.
+        method: ``"subspace"`` (block Krylov, default) or ``"exact"`` (build J; small models only).
+        tail: ``"slq"`` (Lanczos quadrature for the unestimated spectrum, default) or ``"topk"``
+            (conservative: unestimated directions at ``s_k``).
+        noise: noise the release carries (default: none beyond the reference attacker precision ``rho``).
+        rho: reference attacker precision (default :data:`invdefend.risk.DEFAULT_RHO`).
+        v0: prior variance per input coordinate (default ``dynamic_range²/12``).
+        dynamic_range: ``R`` of the inputs (1 for images in [0, 1]).
+        batch_size: samples estimated together (vmap batch).
+        max_sweeps, tol, oversample: estimator settings (see :func:`invdefend.spectral.topk_spectrum`).
+        slq_probes, slq_steps: quadrature settings.
+        mode: evaluate the model in ``"eval"`` (default) or ``"train"`` mode.
+        seed: seed of the estimator's random probes.
+        progress: show a progress bar over batches.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        *,
+        target: Target = "gradient",
+        k: int = 16,
+        method: Method = "subspace",
+        tail: Literal["slq", "topk"] = "slq",
+        noise: NoiseModel | None = None,
+        rho: float = DEFAULT_RHO,
+        v0: float | None = None,
+        dynamic_range: float = 1.0,
+        batch_size: int = 8,
+        max_sweeps: int = 12,
+        tol: float = 1e-2,
+        oversample: int = 16,
+        slq_probes: int = 4,
+        slq_steps: int = 24,
+        mode: Literal["eval", "train"] = "eval",
+        seed: int = 0,
+        progress: bool = False,
+    ) -> None:
+        if target not in ("gradient", "embedding"):
+            raise ValueError(f"invdefend.InvRE: target={target!r}; choose 'gradient' or 'embedding'")
+        if target == "gradient" and loss_fn is None:
+            raise ValueError("invdefend.InvRE: target='gradient' needs loss_fn(outputs, targets)")
+        if tail not in ("slq", "topk"):
+            raise ValueError(f"invdefend.InvRE: tail={tail!r}; choose 'slq' or 'topk'")
+        if k < 1 or batch_size < 1:
+            raise ValueError(f"invdefend.InvRE: k={k} and batch_size={batch_size} must be >= 1")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.target = target
+        self.k = k
+        self.method = method
+        self.tail = tail
+        self.noise = noise if noise is not None else NoiseModel(rho=rho)
+        if noise is not None and rho != DEFAULT_RHO and noise.rho != rho:
+            raise ValueError("invdefend.InvRE: rho given twice (as rho= and in noise=) with different values")
+        self.dynamic_range = dynamic_range
+        self.v0 = default_prior_variance(dynamic_range) if v0 is None else float(v0)
+        self.batch_size = batch_size
+        self.max_sweeps, self.tol, self.oversample = max_sweeps, tol, oversample
+        self.slq_probes, self.slq_steps = slq_probes, slq_steps
+        self.mode = mode
+        self.seed = seed
+        self.progress = progress
+
+    def spectrum(self, inputs: Tensor, targets: Tensor | None = None, *, init: Spectrum | None = None) -> Spectrum:
+        """The per-sample spectrum of one batch."""
+        gen = torch.Generator(device=inputs.device).manual_seed(self.seed)
+        common = dict(
+            k=self.k, method=self.method, tail=self.tail == "slq", init=init, max_sweeps=self.max_sweeps,
+            tol=self.tol, oversample=self.oversample, slq_probes=self.slq_probes, slq_steps=self.slq_steps,
+            mode=self.mode, generator=gen,
+        )
+        if self.target == "gradient":
+            if targets is None:
+                raise ValueError("invdefend.InvRE: target='gradient' needs the batch's targets (labels)")
+            assert self.loss_fn is not None
+            return estimate_gradient_spectrum(self.model, self.loss_fn, inputs, targets, **common)
+        return estimate_embedding_spectrum(self.model, inputs, **common)
+
+    def _report_from(self, spec: Spectrum, seconds: float, name: str) -> RiskReport:
+        risk = RiskEstimate.from_spectrum(
+            spec, self.noise, v0=self.v0, dynamic_range=self.dynamic_range, tail=self.tail
+        )
+        settings = {
+            "target": self.target, "k": self.k, "method": self.method, "tail": self.tail,
+            "rho": self.noise.rho, "v0": self.v0, "dynamic_range": self.dynamic_range, "mode": self.mode,
+            "in_dim": spec.in_dim, "out_dim": spec.out_dim,
+        }
+        estimator = {
+            "sweeps_max": spec.sweeps,
+            "converged_fraction": float(spec.converged.float().mean()),
+            "max_residual": float(spec.residuals.max()) if spec.residuals is not None else 0.0,
+            "tail": risk.tail,
+            "seconds": seconds,
+        }
+        return RiskReport(
+            predicted_psnr=risk.predicted_psnr.tolist(),
+            leakage=risk.leakage.tolist(),
+            invloss=risk.invloss.double().tolist(),
+            singular_values=spec.singular_values[:, : self.k].double().tolist(),
+            settings=settings,
+            estimator=estimator,
+            name=name,
+        )
+
+    def assess(self, inputs: Tensor, targets: Tensor | None = None, *, name: str = "") -> RiskReport:
+        """Risk of every sample of a batch (split internally into ``batch_size`` chunks)."""
+        if inputs.dim() < 2 or inputs.shape[0] == 0:
+            raise ValueError(
+                f"invdefend.InvRE.assess: inputs must be a non-empty batch (B, ...), got shape {tuple(inputs.shape)}"
+            )
+        chunks = []
+        starts = range(0, inputs.shape[0], self.batch_size)
+        for start in self._progress(starts, total=len(starts)):
+            sl = slice(start, start + self.batch_size)
+            t0 = time.perf_counter()
+            spec = self.spectrum(inputs[sl], None if targets is None else targets[sl])
+            chunks.append(self._report_from(spec, time.perf_counter() - t0, name))
+        return RiskReport.merge(chunks, name=name)
+
+    def assess_loader(self, loader: Iterable, *, max_samples: int | None = None, name: str = "") -> RiskReport:
+        """Risk of the samples of a data loader yielding ``(inputs, targets)`` or ``inputs`` batches."""
+        reports: list[RiskReport] = []
+        seen = 0
+        for batch in self._progress(loader, total=None):
+            inputs, targets = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+            if max_samples is not None:
+                inputs = inputs[: max_samples - seen]
+                targets = None if targets is None else targets[: max_samples - seen]
+            if inputs.shape[0] == 0:
+                break
+            reports.append(self.assess(inputs, targets, name=name))
+            seen += inputs.shape[0]
+            if max_samples is not None and seen >= max_samples:
+                break
+        if not reports:
+            raise ValueError("invdefend.InvRE.assess_loader: the loader yielded no samples")
+        return RiskReport.merge(reports, name=name)
+
+    def compare(
+        self,
+        models: Mapping[str, nn.Module],
+        inputs: Tensor,
+        targets: Tensor | None = None,
+    ) -> dict[str, RiskReport]:
+        """Assess several models or checkpoints (same settings, same data); returns reports by name.
+
+        Print :func:`format_comparison` of the result for a table.
+        """
+        out: dict[str, RiskReport] = {}
+        original = self.model
+        try:
+            for name, model in models.items():
+                self.model = model
+                out[name] = self.assess(inputs, targets, name=name)
+        finally:
+            self.model = original
+        return out
+
+    def _progress(self, it: Iterable, total: int | None) -> Iterable:
+        if not self.progress:
+            return it
+        from tqdm.auto import tqdm
+
+        return tqdm(it, total=total, desc="invdefend.InvRE", unit="batch")

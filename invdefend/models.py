@@ -1,0 +1,115 @@
+"""Small reference models used by the examples, tests, benchmarks and the demo.
+
+They are ordinary ``torch.nn.Module`` s; invdefend works on any model, these only give every script the
+same well-known architectures (the LeNet-style CNN of the gradient-inversion literature, an MLP).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["LeNet", "MLP", "SplitModel", "make_activation", "uniform_init_"]
+
+
+def make_activation(name: str) -> nn.Module:
+    """Return a fresh activation module by name (``"sigmoid"``, ``"relu"``, ``"tanh"``)."""
+    table = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
+    if name not in table:
+        raise ValueError(f"invdefend.models: unknown activation {name!r}; choose one of {sorted(table)}")
+    return table[name]()
+
+
+class LeNet(nn.Module):
+    """The LeNet-style CNN of DLG (Zhu et al., 2019): three 5x5 convolutions and one linear layer.
+
+    Args:
+        in_channels: input channels (3 for RGB, 1 for digits).
+        image_size: side of the square input (32 for CIFAR-sized patches, 8 for digits).
+        num_classes: output classes.
+        width: channels of every convolution (12 in the paper).
+        activation: ``"sigmoid"`` (the paper's, easiest to invert) or ``"relu"``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        image_size: int = 32,
+        num_classes: int = 10,
+        width: int = 12,
+        activation: str = "sigmoid",
+    ) -> None:
+        super().__init__()
+        if image_size < 4:
+            raise ValueError(f"invdefend.models.LeNet: image_size={image_size} is too small; use >= 4")
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, kernel_size=5, padding=2, stride=2),
+            make_activation(activation),
+            nn.Conv2d(width, width, kernel_size=5, padding=2, stride=2),
+            make_activation(activation),
+            nn.Conv2d(width, width, kernel_size=5, padding=2, stride=1),
+            make_activation(activation),
+        )
+        side = (image_size + 1) // 2
+        side = (side + 1) // 2
+        self.classifier = nn.Linear(width * side * side, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch ``(B, C, H, W)``."""
+        return self.classifier(self.features(x).flatten(1))
+
+
+class MLP(nn.Module):
+    """A fully-connected network on flattened inputs.
+
+    Args:
+        in_features: flattened input size.
+        hidden: sizes of the hidden layers.
+        out_features: output size (classes, or the embedding size of a split-learning bottom model).
+        activation: hidden activation name.
+        final_activation: whether to apply the activation after the last layer too (embeddings).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden: tuple[int, ...] = (64,),
+        out_features: int = 10,
+        activation: str = "relu",
+        final_activation: bool = False,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        prev = in_features
+        for h in hidden:
+            layers += [nn.Linear(prev, h), make_activation(activation)]
+            prev = h
+        layers.append(nn.Linear(prev, out_features))
+        if final_activation:
+            layers.append(make_activation(activation))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Outputs for a batch of inputs of any shape ``(B, ...)`` (flattened internally)."""
+        return self.net(x)
+
+
+class SplitModel(nn.Module):
+    """A split-learning pair: a client ``bottom`` that produces the embedding and a server ``top``."""
+
+    def __init__(self, bottom: nn.Module, top: nn.Module) -> None:
+        super().__init__()
+        self.bottom = bottom
+        self.top = top
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``top(bottom(x))``."""
+        return self.top(self.bottom(x))
+
+
+@torch.no_grad()
+def uniform_init_(model: nn.Module, scale: float = 0.5, generator: torch.Generator | None = None) -> nn.Module:
+    """Initialise every weight and bias uniformly in ``[-scale, scale]`` (DLG's setting); returns the model."""
+    for p in model.parameters():
+        p.uniform_(-scale, scale, generator=generator)
+    return model

@@ -1,0 +1,191 @@
+"""What a defense records at every release, and where it goes: TensorBoard and plain callbacks.
+
+Every protected release produces a :class:`ReleaseRecord`. A :class:`RiskMonitor` forwards it to any
+number of callbacks (``record -> None``) and, when given a ``SummaryWriter`` (the user's own, or one it
+opens on a log directory), writes it under the stable tag namespace::
+
+    invdefend/<kind>/risk/predicted_psnr_{mean,p95,max}        risk with the defense's noise
+    invdefend/<kind>/risk/leakage_{mean,p95,max}
+    invdefend/<kind>/risk/undefended_predicted_psnr_{mean,max} same samples, reference precision only
+    invdefend/<kind>/noise/relative_energy                     E‖noise‖² / ‖signal‖²
+    invdefend/<kind>/spectrum/log10_singular_values            histogram
+    invdefend/<kind>/estimator/{max_residual,sweeps,seconds}    estimator error (backward error relative
+                                                                to σ₁²), sweeps and wall time of an estimate
+    invdefend/<kind>/fallback                                   1 on a fail-closed step, else 0
+    invdefend/<kind>/budget/relative_energy_target              the budget in force
+    invdefend/<kind>/risk/target_reached                        target mode: 1 if every probe reached it
+
+``<kind>`` is ``gradient`` or ``embedding``; with ``prefix="client3"`` tags read ``invdefend/client3/<kind>/...``.
+Risk and estimator tags are written when the spectrum was (re-)estimated; ``noise/relative_energy`` every
+release; ``budget`` and ``fallback`` whenever they change (the value before the change is written at the
+previous step, so TensorBoard draws a step function) and on every refresh — this keeps the per-step cost
+of logging to one scalar in steady state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ReleaseRecord", "RiskMonitor", "TAG_PREFIX", "logger"]
+
+TAG_PREFIX = "invdefend"
+logger = logging.getLogger("invdefend")
+
+
+@dataclass
+class ReleaseRecord:
+    """One protected release (a gradient step or an embedding batch).
+
+    Risk lists hold one value per assessed (probe) sample; they are empty on steps that reused an
+    earlier estimate without re-assessing it.
+    """
+
+    kind: str
+    step: int
+    mechanism: str
+    relative_energy: float
+    budget: float
+    refreshed: bool = False
+    fallback: bool = False
+    fallback_reason: str = ""
+    predicted_psnr: list[float] = field(default_factory=list)
+    leakage: list[float] = field(default_factory=list)
+    undefended_predicted_psnr: list[float] = field(default_factory=list)
+    singular_values: list[float] = field(default_factory=list)
+    sweeps: int = 0
+    max_residual: float = 0.0
+    target_reached: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict."""
+        return asdict(self)
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    arr = arr[np.isfinite(arr)]
+    if arr.size == 0:
+        return {}
+    return {"mean": float(arr.mean()), "p95": float(np.percentile(arr, 95)), "max": float(arr.max())}
+
+
+class RiskMonitor:
+    """Fans release records out to TensorBoard and callbacks.
+
+    Args:
+        writer: a ``torch.utils.tensorboard.SummaryWriter`` (or anything with ``add_scalar`` and
+            ``add_histogram``); None for no TensorBoard.
+        log_dir: open a ``SummaryWriter`` there when no writer is given.
+        callbacks: callables receiving every :class:`ReleaseRecord`.
+        prefix: extra tag level after ``invdefend/`` (e.g. a run or client name); empty by default.
+        max_history: :attr:`history` keeps only the latest this many records (default 1000), so that a long
+            run's memory stays bounded; None keeps every record. TensorBoard and callbacks see all of them.
+    """
+
+    def __init__(
+        self,
+        writer: Any | None = None,
+        *,
+        log_dir: str | None = None,
+        callbacks: Iterable[Callable[[ReleaseRecord], None]] = (),
+        prefix: str = "",
+        max_history: int | None = 1000,
+    ) -> None:
+        if max_history is not None and (
+            not isinstance(max_history, int) or isinstance(max_history, bool) or max_history < 0
+        ):
+            raise ValueError(
+                f"invdefend.RiskMonitor: max_history={max_history!r} must be an integer >= 0, or None to keep "
+                "every record"
+            )
+        if writer is None and log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(log_dir=log_dir)
+            self._owns_writer = True
+        else:
+            self._owns_writer = False
+        self.writer = writer
+        self.callbacks: list[Callable[[ReleaseRecord], None]] = list(callbacks)
+        self.prefix = prefix.strip("/")
+        self.history: list[ReleaseRecord] = []
+        self.keep_history = True
+        self.max_history = None if max_history is None else int(max_history)
+        self._last: dict[tuple[str, str], Any] = {}  # last value written per tag (for write-on-change)
+
+    def subscribe(self, callback: Callable[[ReleaseRecord], None]) -> None:
+        """Add a callback receiving every record."""
+        self.callbacks.append(callback)
+
+    def tag(self, kind: str, name: str) -> str:
+        """The full TensorBoard tag of ``name`` for ``kind``."""
+        parts = [TAG_PREFIX, self.prefix, kind, name]
+        return "/".join(p for p in parts if p)
+
+    def emit(self, record: ReleaseRecord) -> None:
+        """Log ``record`` everywhere."""
+        if self.keep_history:
+            self.history.append(record)
+            if self.max_history is not None and len(self.history) > self.max_history:
+                del self.history[: len(self.history) - self.max_history]
+        if record.fallback_reason and record.refreshed:
+            # Once per failed estimate (retries back off), not at every step released in fallback.
+            logger.warning(
+                "invdefend.%s step %d: estimation failed (%s); %s",
+                record.kind, record.step, record.fallback_reason,
+                "released with conservative isotropic noise" if record.fallback else "no noise added (monitor mode)",
+            )
+        if self.writer is not None:
+            self._write(record)
+        for cb in self.callbacks:
+            cb(record)
+
+    def _write_on_change(self, kind: str, name: str, value: float, step: int, force: bool) -> None:
+        key = (kind, name)
+        last = self._last.get(key)
+        if last is not None and last[0] != value and last[1] < step - 1:
+            self.writer.add_scalar(self.tag(kind, name), last[0], step - 1)  # hold the old value until now
+        if force or last is None or last[0] != value:
+            self.writer.add_scalar(self.tag(kind, name), value, step)
+        self._last[key] = (value, step)
+
+    def _write(self, r: ReleaseRecord) -> None:
+        w, k, step = self.writer, r.kind, r.step
+        w.add_scalar(self.tag(k, "noise/relative_energy"), r.relative_energy, step)
+        self._write_on_change(k, "budget/relative_energy_target", float(r.budget), step, r.refreshed)
+        self._write_on_change(k, "fallback", float(r.fallback), step, r.refreshed)
+        if r.target_reached is not None and r.refreshed:
+            w.add_scalar(self.tag(k, "risk/target_reached"), float(r.target_reached), step)
+        if "estimate_seconds" in r.extra:
+            w.add_scalar(self.tag(k, "estimator/seconds"), float(r.extra["estimate_seconds"]), step)
+        for name, values in (("predicted_psnr", r.predicted_psnr), ("leakage", r.leakage)):
+            for stat, value in _stats(values).items():
+                w.add_scalar(self.tag(k, f"risk/{name}_{stat}"), value, step)
+        und = _stats(r.undefended_predicted_psnr)
+        for stat in ("mean", "max"):
+            if stat in und:
+                w.add_scalar(self.tag(k, f"risk/undefended_predicted_psnr_{stat}"), und[stat], step)
+        if r.refreshed and not r.fallback_reason:
+            w.add_scalar(self.tag(k, "estimator/max_residual"), r.max_residual, step)
+            w.add_scalar(self.tag(k, "estimator/sweeps"), float(r.sweeps), step)
+        sv = [v for v in r.singular_values if v > 0 and math.isfinite(v)]
+        if sv:
+            w.add_histogram(self.tag(k, "spectrum/log10_singular_values"), np.log10(np.asarray(sv)), step)
+
+    def flush(self) -> None:
+        """Flush the writer."""
+        if self.writer is not None and hasattr(self.writer, "flush"):
+            self.writer.flush()
+
+    def close(self) -> None:
+        """Flush, and close the writer if this monitor opened it."""
+        self.flush()
+        if self._owns_writer and self.writer is not None:
+            self.writer.close()

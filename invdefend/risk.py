@@ -1,0 +1,221 @@
+"""InvLoss — the best achievable reconstruction error — from a spectrum and a noise model.
+
+For a release ``s̃ = F(x) + ε`` with ``ε ~ N(0, Σ)``, a Gaussian prior ``N(μ, v0·I)`` on ``x`` and ``F``
+linearised at ``x`` (``J = U diag(s) Vᵀ``), the Bayes attacker's mean squared error per coordinate is
+
+    InvLoss(x) = (1/d) · Σ_{i=1..d} 1 / (s_i²/τ_i + 1/v0),      s_i = 0 beyond rank(J),
+
+when ``Σ`` has variance ``τ_i`` along ``u_i``. The noise model here is the sum of three parts, all
+variances along the left singular directions:
+
+* the reference attacker precision ``τ_ref = (ρ·‖F(x)‖)² / m`` in every direction (always present;
+  ``ρ`` is frozen at :data:`DEFAULT_RHO` after calibration on attack runs, see ``benchmarks/fidelity.py``);
+* isotropic noise ``τ_iso`` in every direction;
+* shaped noise ``τ_shaped[i]`` along each of the spectrum's top-k ``u_i``.
+
+The directions the spectrum does not hold (the *tail*) are handled in one of two documented ways:
+``"slq"`` evaluates the stochastic Lanczos quadrature rule stored in the spectrum; ``"topk"`` treats
+every unestimated direction up to ``min(m, d)`` as if it had ``s_k`` (the largest value it could have), which
+under-states InvLoss, i.e. over-states risk. Directions beyond ``min(m, d)`` are in the null space
+and contribute ``v0`` each.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .spectral import Spectrum
+
+__all__ = [
+    "DEFAULT_RHO",
+    "NoiseModel",
+    "RiskEstimate",
+    "invloss",
+    "invloss_from_values",
+    "predicted_psnr",
+    "leakage",
+    "reference_noise",
+    "default_prior_variance",
+]
+
+#: Reference attacker precision ρ: the relative accuracy to which a real attacker matches the shared
+#: quantity. Calibrated once by ``benchmarks/fidelity.py`` on a calibration split of attack runs (never on
+#: the samples whose correlation is reported) and frozen here.
+DEFAULT_RHO: float = 1e-3
+
+Tail = Literal["auto", "slq", "topk"]
+
+
+def default_prior_variance(dynamic_range: float = 1.0) -> float:
+    """``v0`` of a coordinate uniform on an interval of length ``dynamic_range``: ``R²/12``."""
+    if dynamic_range <= 0:
+        raise ValueError(f"invdefend.risk: dynamic_range={dynamic_range} must be > 0")
+    return dynamic_range**2 / 12.0
+
+
+@dataclass(frozen=True)
+class NoiseModel:
+    """The Gaussian noise a release carries, as variances along the shared quantity's directions.
+
+    Args:
+        isotropic: variance per coordinate in every direction (scalar or ``(B,)``), absolute units.
+        shaped: variances ``(B, k)`` (or ``(k,)``) along the spectrum's top-k left singular vectors.
+        rho: reference attacker precision; ``τ_ref = (rho·‖F(x)‖)²/m`` is added everywhere.
+    """
+
+    isotropic: float | Tensor = 0.0
+    shaped: Tensor | None = None
+    rho: float = DEFAULT_RHO
+
+    def __post_init__(self) -> None:
+        iso = torch.as_tensor(self.isotropic)
+        if not torch.isfinite(iso).all() or (iso < 0).any():
+            raise ValueError(f"invdefend.risk.NoiseModel: isotropic={self.isotropic} must be finite and >= 0")
+        if self.shaped is not None and (not torch.isfinite(self.shaped).all() or (self.shaped < 0).any()):
+            raise ValueError("invdefend.risk.NoiseModel: shaped variances must be finite and >= 0")
+        if not (self.rho >= 0 and math.isfinite(self.rho)):
+            raise ValueError(f"invdefend.risk.NoiseModel: rho={self.rho} must be finite and >= 0")
+
+
+def reference_noise(signal_norm: Tensor, out_dim: int, rho: float = DEFAULT_RHO) -> Tensor:
+    """``τ_ref = (ρ·‖F(x)‖)² / m`` per sample."""
+    return (rho * signal_norm) ** 2 / out_dim
+
+
+def _terms(s2: Tensor, tau: Tensor, v0: float) -> Tensor:
+    """``1/(s²/τ + 1/v0) = v0·τ/(τ + v0·s²)``, with the limits s=0 → v0 and τ=0 (s>0) → 0."""
+    denom = tau + v0 * s2
+    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
+    return torch.where(denom > 0, v0 * tau / safe, torch.full_like(denom, v0))
+
+
+def invloss_from_values(
+    singular_values: Tensor,
+    tau: Tensor,
+    *,
+    in_dim: int,
+    v0: float,
+    tail_tau: Tensor | None = None,
+    tail_sum: Tensor | None = None,
+    rank_bound: int | None = None,
+) -> Tensor:
+    """InvLoss ``(B,)`` from top singular values ``(B, k)`` and per-direction noise variances ``(B, k)``.
+
+    The unheld directions contribute ``tail_sum`` if given, else the conservative top-k treatment: each of
+    the ``rank_bound − k`` unheld directions as if it had ``s_k`` with variance ``tail_tau`` (``(B,)``),
+    and the ``d − rank_bound`` null directions ``v0`` each.
+    """
+    s = singular_values
+    if s.dim() == 1:
+        s = s.unsqueeze(0)
+    tau = torch.as_tensor(tau, dtype=s.dtype, device=s.device).expand_as(s)
+    if v0 <= 0:
+        raise ValueError(f"invdefend.risk: prior variance v0={v0} must be > 0")
+    k = s.shape[-1]
+    rank_bound = in_dim if rank_bound is None else min(rank_bound, in_dim)
+    if k > in_dim:
+        raise ValueError(f"invdefend.risk: {k} singular values for an input of dimension {in_dim}")
+    head = _terms(s**2, tau, v0).sum(dim=-1)
+    if tail_sum is not None:
+        tail = tail_sum
+    else:
+        n_unheld = max(rank_bound - k, 0)
+        if n_unheld and tail_tau is None:
+            raise ValueError("invdefend.risk: tail_tau is needed for the top-k tail treatment")
+        tail = torch.zeros_like(head)
+        if n_unheld:
+            tail = n_unheld * _terms(s[..., -1] ** 2, tail_tau.to(s), v0)
+        tail = tail + max(in_dim - max(rank_bound, k), 0) * v0
+    return (head + tail) / in_dim
+
+
+def invloss(
+    spectrum: Spectrum,
+    noise: NoiseModel | None = None,
+    *,
+    v0: float | None = None,
+    tail: Tail = "auto",
+) -> Tensor:
+    """Per-sample InvLoss ``(B,)`` of the samples in ``spectrum`` under ``noise``.
+
+    Args:
+        spectrum: top singular values (and optionally a tail quadrature rule).
+        noise: the release's noise; default: only the reference attacker precision.
+        v0: prior variance per input coordinate; default ``1/12`` (uniform on [0, 1]).
+        tail: ``"slq"`` (use the spectrum's quadrature rule), ``"topk"`` (conservative: unheld directions
+            at ``s_k``), or ``"auto"`` (slq when the spectrum has a rule, else topk).
+    """
+    noise = noise or NoiseModel()
+    v0 = default_prior_variance() if v0 is None else float(v0)
+    s = spectrum.singular_values
+    ref = reference_noise(spectrum.signal_norm.to(s), spectrum.out_dim, noise.rho)
+    iso = torch.as_tensor(noise.isotropic, dtype=s.dtype, device=s.device).expand(s.shape[0])
+    base = ref + iso
+    tau = base.unsqueeze(-1).expand_as(s).clone()
+    if noise.shaped is not None:
+        shaped = noise.shaped.to(s)
+        if shaped.shape[-1] != s.shape[-1]:
+            raise ValueError(
+                f"invdefend.risk.invloss: shaped noise has {shaped.shape[-1]} variances but the spectrum holds "
+                f"{s.shape[-1]} directions; allocate noise on this spectrum"
+            )
+        tau = tau + shaped
+    if tail not in ("auto", "slq", "topk"):
+        raise ValueError(f"invdefend.risk.invloss: tail={tail!r}; choose 'auto', 'slq' or 'topk'")
+    use_slq = not spectrum.complete and spectrum.tail is not None and tail in ("auto", "slq")
+    if tail == "slq" and spectrum.tail is None and not spectrum.complete:
+        raise ValueError("invdefend.risk.invloss: tail='slq' but the spectrum has no quadrature rule; "
+                         "estimate it with tail_quadrature or use tail='topk'")
+    tail_sum = None
+    if use_slq:
+        q = spectrum.tail
+        assert q is not None
+        tail_sum = q.apply(_terms(q.nodes, base.view(-1, 1, 1).to(q.nodes), v0)).to(s)
+    rank_bound = spectrum.k if spectrum.complete else spectrum.rank_bound
+    return invloss_from_values(
+        s, tau, in_dim=spectrum.in_dim, v0=v0, tail_tau=base, tail_sum=tail_sum, rank_bound=rank_bound
+    )
+
+
+def predicted_psnr(invloss_value: Tensor | float, dynamic_range: float = 1.0) -> Tensor:
+    """``10·log10(R² / InvLoss)``, comparable with an attack's PSNR (higher = more at risk)."""
+    il = torch.as_tensor(invloss_value, dtype=torch.float64)
+    return 10.0 * torch.log10(dynamic_range**2 / il.clamp_min(1e-30))
+
+
+def leakage(invloss_value: Tensor | float, v0: float | None = None) -> Tensor:
+    """``1 − InvLoss/v0 ∈ [0, 1]``: the fraction of the input's variance the release explains."""
+    v0 = default_prior_variance() if v0 is None else float(v0)
+    il = torch.as_tensor(invloss_value, dtype=torch.float64)
+    return (1.0 - il / v0).clamp(0.0, 1.0)
+
+
+@dataclass
+class RiskEstimate:
+    """Per-sample risk of a batch: InvLoss, predicted PSNR and leakage ``(B,)``, and how it was computed."""
+
+    invloss: Tensor
+    predicted_psnr: Tensor
+    leakage: Tensor
+    tail: str
+
+    @classmethod
+    def from_spectrum(
+        cls,
+        spectrum: Spectrum,
+        noise: NoiseModel | None = None,
+        *,
+        v0: float | None = None,
+        dynamic_range: float = 1.0,
+        tail: Tail = "auto",
+    ) -> "RiskEstimate":
+        """Evaluate InvLoss and its reported forms for every sample of ``spectrum``."""
+        v0 = default_prior_variance(dynamic_range) if v0 is None else v0
+        il = invloss(spectrum, noise, v0=v0, tail=tail)
+        used = "exact" if spectrum.complete else ("slq" if spectrum.tail is not None and tail != "topk" else "topk")
+        return cls(invloss=il, predicted_psnr=predicted_psnr(il, dynamic_range), leakage=leakage(il, v0), tail=used)

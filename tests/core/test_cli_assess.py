@@ -1,0 +1,49 @@
+"""The ``invdefend`` console script and ``invdefend assess``."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from invdefend.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+ZOO = ROOT / "examples" / "model_zoo.py"
+
+
+def test_console_script_help():
+    out = subprocess.run(["invdefend", "--help"], capture_output=True, text=True, check=True)
+    assert "assess" in out.stdout
+
+
+def test_assess_on_the_example_model_with_shipped_digits(tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert main(["assess", "--model", f"{ZOO}:lenet_digits", "--data", "digits", "-n", "4", "-k", "8",
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["n_samples"] == 4 and report["settings"]["data"] == "digits"
+    assert "PSNR mean" in capsys.readouterr().out
+
+
+def test_assess_on_an_npz_file_and_embedding_target(tmp_path):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=rng.random((3, 1, 8, 8)).astype(np.float32), y=np.array([1, 2, 3]))
+    out = tmp_path / "r.json"
+    assert main(["assess", "--model", f"{ZOO}:lenet_digits", "--data", str(data), "--target", "embedding",
+                 "-k", "4", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["settings"]["target"] == "embedding"
+
+
+def test_assess_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="MODULE:CALLABLE"):
+        main(["assess", "--model", "nocolon", "--data", "digits"])
+    with pytest.raises(FileNotFoundError, match="npz"):
+        main(["assess", "--model", f"{ZOO}:lenet_digits", "--data", str(tmp_path / "missing.csv")])
+    data = tmp_path / "d.npz"
+    np.savez(data, inputs=np.zeros((2, 1, 8, 8), dtype=np.float32))
+    with pytest.raises(KeyError, match="--x-key"):
+        main(["assess", "--model", f"{ZOO}:lenet_digits", "--data", str(data)])

@@ -1,0 +1,129 @@
+"""Water-filling optimality, target mode, band-pass noise covariance and noise sources."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize
+from torch import nn
+
+from invdefend.jacobian import embedding_jacobian
+from invdefend.mechanisms import (
+    SecureNoise,
+    SeededNoise,
+    band_pass_noise,
+    shaped_noise,
+    water_filling,
+    water_filling_for_target,
+)
+from invdefend.spectral import exact_spectrum
+
+V0 = 1.0 / 12
+
+
+def _objective(s: np.ndarray, tau: np.ndarray, base: float) -> float:
+    return float(np.sum(V0 * (base + tau) / (base + tau + V0 * s**2)))
+
+
+def test_water_filling_spends_the_energy_and_satisfies_kkt():
+    s = torch.tensor([[5.0, 3.0, 2.0, 1.0, 0.5, 0.1]], dtype=torch.float64)
+    base = 1e-3
+    tau = water_filling(s, 0.8, V0, base)[0]
+    assert float(tau.sum()) == pytest.approx(0.8, rel=1e-9)
+    grad = V0**2 * s[0] ** 2 / (base + tau + V0 * s[0] ** 2) ** 2  # d objective / d tau_i
+    active = tau > 1e-12
+    lam = grad[active]
+    assert float(lam.max() - lam.min()) / float(lam.mean()) < 1e-6, "equal marginal gain on active directions"
+    assert (grad[~active] <= lam.mean() * (1 + 1e-6)).all(), "inactive directions gain less"
+
+
+def test_water_filling_matches_a_generic_optimiser_and_beats_even_spreading():
+    rng = np.random.default_rng(0)
+    s = np.sort(rng.uniform(0.05, 4.0, 12))[::-1].copy()
+    energy, base = 0.5, 1e-4
+    tau = water_filling(torch.tensor(s[None]), energy, V0, base)[0].numpy()
+    res = minimize(lambda t: -_objective(s, t, base), np.full(12, energy / 12), method="SLSQP",
+                   bounds=[(0, None)] * 12, constraints=[{"type": "eq", "fun": lambda t: t.sum() - energy}],
+                   options={"ftol": 1e-14, "maxiter": 500})
+    assert _objective(s, tau, base) >= -res.fun - 1e-9
+    assert _objective(s, tau, base) > _objective(s, np.full(12, energy / 12), base)
+
+
+def test_water_filling_places_noise_on_the_weakest_directions_first():
+    s = torch.tensor([[4.0, 2.0, 1.0, 0.5]], dtype=torch.float64)
+    small = water_filling(s, 1e-3, V0)[0]
+    assert small[-1] > 0 and small[0] == 0
+
+
+def test_water_filling_rejects_bad_energy():
+    with pytest.raises(ValueError, match="energy"):
+        water_filling(torch.ones(1, 3), -1.0, V0)
+    with pytest.raises(ValueError, match="energy"):
+        water_filling(torch.ones(1, 3), float("nan"), V0)
+
+
+def test_target_mode_finds_the_smallest_energy():
+    s = torch.tensor([[3.0, 2.0, 1.0, 0.5, 0.2]], dtype=torch.float64)
+    d = 5
+
+    def il_of(tau: torch.Tensor) -> torch.Tensor:
+        return (V0 * tau / (tau + V0 * s**2)).sum(-1) / d
+
+    target = 0.6 * V0
+    tau, reached = water_filling_for_target(s, il_of, target, V0, max_energy=100.0)
+    assert bool(reached[0]) and float(il_of(tau)[0]) >= target
+    less = water_filling(s, 0.99 * float(tau.sum()), V0)
+    assert float(il_of(less)[0]) < target
+    _, unreachable = water_filling_for_target(s, il_of, 0.6 * V0, V0, max_energy=1e-6)
+    assert not bool(unreachable[0])
+
+
+def test_shaped_noise_has_the_allocated_variances():
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(50, 4, generator=g, dtype=torch.float64)).Q
+    tau = torch.tensor([4.0, 1.0, 0.25, 0.0], dtype=torch.float64)
+    src = SeededNoise(seed=1)
+    draws = torch.stack([shaped_noise(U, tau, src) for _ in range(20000)])
+    coords = draws @ U
+    torch.testing.assert_close(coords.var(0), tau, rtol=0.05, atol=1e-3)
+    outside = draws - coords @ U.T
+    assert float(outside.abs().max()) < 1e-10
+
+
+def test_band_pass_noise_covariance_matches_the_matrix_function():
+    torch.manual_seed(0)
+    d, m = 8, 12
+    A = torch.randn(m, d, dtype=torch.float64) * torch.logspace(0.5, -1, d, dtype=torch.float64)
+    layer = nn.Linear(d, m, bias=False).double()
+    with torch.no_grad():
+        layer.weight.copy_(A)
+    op = embedding_jacobian(layer, torch.zeros(500, d, dtype=torch.float64))  # 500 draws per call
+    spec = exact_spectrum(op.subset([0]))
+    s2 = spec.singular_values[0] ** 2
+    mu = float(s2.median())
+    src = SeededNoise(seed=3)
+    draws = torch.cat([band_pass_noise(op, mu, 1.0, src, steps=d) for _ in range(16)])
+    var = (draws @ spec.left_vectors[0]).var(0)
+    expected = s2 / (s2 + mu) ** 2
+    torch.testing.assert_close(var, expected, rtol=0.08, atol=1e-6)
+    assert int(var.argmax()) == int((s2 - mu).abs().argmin())
+
+
+def test_seeded_noise_is_reproducible_and_checkpointable():
+    a, b = SeededNoise(seed=5), SeededNoise(seed=5)
+    assert torch.equal(a.normal((3,), torch.float32, torch.device("cpu")), b.normal((3,), torch.float32, torch.device("cpu")))
+    state = a.state_dict()
+    x = a.normal((4,), torch.float64, torch.device("cpu"))
+    a.load_state_dict(state)
+    assert torch.equal(x, a.normal((4,), torch.float64, torch.device("cpu")))
+
+
+def test_secure_noise_is_gaussian_and_not_reproducible():
+    with pytest.warns(UserWarning, match="NOT reproducible"):
+        src = SecureNoise()
+    x = src.normal((200000,), torch.float64, torch.device("cpu"))
+    y = src.normal((200000,), torch.float64, torch.device("cpu"))
+    assert not torch.equal(x, y)
+    assert abs(float(x.mean())) < 0.01 and abs(float(x.std()) - 1) < 0.01
+    assert abs(float(((x - x.mean()) ** 4).mean() / x.var() ** 2) - 3) < 0.1  # Gaussian kurtosis
