@@ -1,0 +1,71 @@
+"""Reconstruction attacks used to audit a release (our own CPU-friendly, seedable implementations).
+
+One attack per module, one calling convention: keyword-only options, a ``generator``/``seed`` for the
+random start, and an :class:`AttackResult` back. Attacks never modify the model they attack.
+
+Gradient attacks (horizontal FL / data-parallel training):
+    :func:`dlg` (L2 matching, L-BFGS), :func:`inverting_gradients` (cosine + TV, Adam, restarts),
+    :func:`idlg_label` / :func:`idlg_attack` (label from the last layer, then DLG),
+    :func:`analytic_linear_attack` (exact input of a leading linear layer).
+Embedding attacks (vertical FL / split learning):
+    :func:`invert_embedding` (optimisation), :func:`train_embedding_decoder` + :func:`decoder_attack`.
+Against a noise defense whose distribution is known:
+    :class:`NoiseCovariance`, :func:`defense_aware_gradient_attack`, :func:`defense_aware_embedding_attack`.
+"""
+
+from ._common import (
+    AttackResult,
+    FunctionalModel,
+    LossFn,
+    as_flat_gradient,
+    flatten_gradients,
+    model_gradient,
+    per_sample_gradients,
+    split_flat,
+    total_variation,
+    trainable_named_parameters,
+)
+from .analytic import analytic_linear_attack
+from .defense_aware import (
+    NoiseCovariance,
+    defense_aware_embedding_attack,
+    defense_aware_gradient_attack,
+    mean_release,
+)
+from .dlg import dlg
+from .embedding_inversion import (
+    EmbeddingDecoder,
+    NoiseSampler,
+    decoder_attack,
+    invert_embedding,
+    train_embedding_decoder,
+)
+from .idlg import idlg_attack, idlg_label
+from .inverting_gradients import inverting_gradients
+
+__all__ = [
+    "AttackResult",
+    "FunctionalModel",
+    "LossFn",
+    "as_flat_gradient",
+    "flatten_gradients",
+    "split_flat",
+    "model_gradient",
+    "per_sample_gradients",
+    "total_variation",
+    "trainable_named_parameters",
+    "dlg",
+    "inverting_gradients",
+    "idlg_label",
+    "idlg_attack",
+    "analytic_linear_attack",
+    "invert_embedding",
+    "EmbeddingDecoder",
+    "NoiseSampler",
+    "train_embedding_decoder",
+    "decoder_attack",
+    "NoiseCovariance",
+    "mean_release",
+    "defense_aware_gradient_attack",
+    "defense_aware_embedding_attack",
+]
