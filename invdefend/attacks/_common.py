@@ -10,15 +10,16 @@ dtype), and restores every submodule's train/eval flag afterwards.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+
+from ..jacobian import _module_mode
 
 __all__ = [
     "AttackResult",
@@ -137,17 +138,6 @@ def as_flat_gradient(target: Tensor | Sequence[Tensor], model: nn.Module, where:
             "parameters; flatten the gradients of [p for p in model.parameters() if p.requires_grad]"
         )
     return flat
-
-
-@contextlib.contextmanager
-def _module_mode(module: nn.Module, mode: Mode) -> Iterator[None]:
-    saved = [(m, m.training) for m in module.modules()]
-    module.train(mode == "train")
-    try:
-        yield
-    finally:
-        for m, flag in saved:
-            m.training = flag
 
 
 class FunctionalModel:
