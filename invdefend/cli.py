@@ -15,7 +15,7 @@ from ._version import __version__
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 #: Subcommands, in the order ``--help`` lists them (module names under ``invdefend.commands``).
-COMMANDS: tuple[str, ...] = ("assess", "demo")
+COMMANDS: tuple[str, ...] = ("assess", "audit", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -148,12 +148,15 @@ class RiskMonitor:
             cb(record)
 
     def _write_on_change(self, kind: str, name: str, value: float, step: int, force: bool) -> None:
+        """Write ``value`` if it changed since the last write (or ``force``); ``_last`` holds (value, step)."""
         key = (kind, name)
         last = self._last.get(key)
-        if last is not None and last[0] != value and last[1] < step - 1:
+        changed = last is None or last[0] != value
+        if not (changed or force):
+            return
+        if last is not None and changed and last[1] < step - 1:
             self.writer.add_scalar(self.tag(kind, name), last[0], step - 1)  # hold the old value until now
-        if force or last is None or last[0] != value:
-            self.writer.add_scalar(self.tag(kind, name), value, step)
+        self.writer.add_scalar(self.tag(kind, name), value, step)
         self._last[key] = (value, step)
 
     def _write(self, r: ReleaseRecord) -> None:

@@ -16,6 +16,7 @@ model trains on the noisy embeddings. Fails closed like :class:`~invdefend.defen
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
@@ -28,7 +29,7 @@ from ..mechanisms import NoiseSource, make_noise_source, shaped_noise, water_fil
 from ..monitor import ReleaseRecord, RiskMonitor
 from ..risk import DEFAULT_RHO, NoiseModel, default_prior_variance, invloss, leakage, predicted_psnr
 from ..spectral import Spectrum, exact_spectrum, topk_spectrum
-from .common import DefenseError, check_batch, check_budget, check_model, target_invloss
+from .common import DefenseError, check_batch, check_budget, check_model, estimator_error, target_invloss
 
 __all__ = ["EmbeddingDefense"]
 
@@ -135,8 +136,15 @@ class EmbeddingDefense:
     def _hook(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
         if self._busy or (not module.training and not self.active_in_eval):
             return None  # the estimator's own evaluations of the bottom model pass through untouched
+        if getattr(torch._C, "_are_functorch_transforms_active", lambda: False)():
+            return None  # a Jacobian of the bottom model (InvRE, an audit): the noise is a constant, J is unchanged
         if not args or not isinstance(args[0], Tensor):
             raise DefenseError("invdefend.EmbeddingDefense: the bottom model's first argument must be the input tensor")
+        if not isinstance(output, Tensor):
+            raise DefenseError(
+                f"invdefend.EmbeddingDefense: the bottom model returned {type(output).__name__}, not one embedding "
+                "tensor (B, ...); attach the defense to the submodule whose output is sent"
+            )
         return self.protect(args[0], output)
 
     # -- the release --------------------------------------------------------------------------------------
@@ -155,9 +163,9 @@ class EmbeddingDefense:
             self.estimate_hook()
         if not spec.is_finite():
             raise FloatingPointError("the estimated spectrum contains NaN/Inf")
-        worst = float(spec.residuals.max()) if spec.residuals is not None else 0.0
+        worst = estimator_error(spec)  # backward error relative to σ₁², as for GradientDefense
         if not math.isfinite(worst) or worst > self.max_residual:
-            raise RuntimeError(f"the estimator did not converge (max relative residual {worst:.3g})")
+            raise RuntimeError(f"the estimator did not converge (error {worst:.3g} > max_residual {self.max_residual})")
         return spec
 
     def protect(self, inputs: Tensor, embeddings: Tensor) -> Tensor:
@@ -178,13 +186,19 @@ class EmbeddingDefense:
         energy = h.double().pow(2).sum(dim=1).to(h.dtype)  # (B,)
         fallback_reason = ""
         spec: Spectrum | None = None
+        t0 = time.perf_counter()
         try:
             spec = self._estimate(inputs.detach())
         except Exception as exc:  # fail closed
             fallback_reason = f"{type(exc).__name__}: {exc}"
+        estimate_seconds = time.perf_counter() - t0
         extra: dict[str, Any] = {}
         target_reached = None
-        if spec is None:
+        fallback = spec is None and self.mechanism != "monitor"
+        if spec is None and not fallback:  # monitor mode: no noise by request, the failure is recorded
+            delta = torch.zeros_like(h)
+            relative_budget = 0.0
+        elif spec is None:
             warnings.warn(
                 f"invdefend.EmbeddingDefense step {self.step}: estimation failed ({fallback_reason}); "
                 f"releasing with conservative isotropic noise (relative energy {self.fallback_budget})",
@@ -203,7 +217,7 @@ class EmbeddingDefense:
             tau = torch.zeros_like(s)
             if self.mechanism == "spectral":
                 if self._target_il is None:
-                    tau = water_filling(s, self.budget * energy, self.v0, ref + iso)
+                    tau = water_filling(s, self.budget * energy, self.v0, ref + iso, iterations=60)
                 else:
                     def il_of(t: Tensor) -> Tensor:
                         return invloss(spec, NoiseModel(isotropic=iso, shaped=t, rho=self.rho), v0=self.v0, tail="topk")
@@ -226,20 +240,20 @@ class EmbeddingDefense:
                 undefended_predicted_psnr=predicted_psnr(clean, self.dynamic_range).tolist(),
                 singular_values=spec.singular_values.reshape(-1).double().tolist(),
                 sweeps=spec.sweeps,
-                max_residual=float(spec.residuals.max()) if spec.residuals is not None else 0.0,
+                max_residual=estimator_error(spec),
             )
         rel = (delta.double().pow(2).sum(dim=1) / energy.double().clamp_min(1e-300)).mean()
         record = ReleaseRecord(
             kind=self.kind,
             step=self.step,
-            mechanism="fallback" if spec is None else self.mechanism,
+            mechanism="fallback" if fallback else self.mechanism,
             relative_energy=float(rel),
             budget=relative_budget,
             refreshed=True,
-            fallback=spec is None,
+            fallback=fallback,
             fallback_reason=fallback_reason,
             target_reached=target_reached,
-            extra={"batch_size": B},
+            extra={"batch_size": B, "estimate_seconds": estimate_seconds},
             **extra,
         )
         self.last_record = record

@@ -11,9 +11,12 @@ Every step it adds noise to the parameters' ``.grad`` before the optimizer reads
    ``nn.Module`` a pre-hook on it keeps the targets (otherwise call :meth:`~GradientDefense.capture`, or
    use :meth:`~GradientDefense.criterion`).
 2. **Estimate** (on refresh steps, every ``refresh_every``): the top-k spectrum of the per-sample
-   gradient Jacobian of ``probes`` samples of the batch, warm-started from the last estimate's right
-   singular vectors (``sweeps`` block sweeps; if that leaves the estimate unconverged, up to
-   ``cold_sweeps`` more before the estimate counts as failed).
+   gradient Jacobian of ``probes`` samples of the batch by block Krylov iteration, warm-started from the
+   last estimate's *left* (parameter-space) subspace: the new probes start from ``Jᵀ U_prev``, because
+   right (input-space) singular vectors belong to one sample while the leaking parameter directions are
+   largely shared between samples and drift slowly. ``sweeps`` sweeps; if that leaves the estimate
+   unconverged, up to ``cold_sweeps`` more before it counts as failed. With ``k ≥ min(d, m)`` the exact
+   spectrum is computed instead.
 3. **Allocate** (on refresh steps). Water-filling per probe sample at the budget — or the smallest budget
    whose predicted PSNR reaches ``target_psnr`` — in per-sample units: with the attacker knowing the rest
    of a batch of ``B``, noise on the mean gradient counts ``B²`` times for one sample. The allocation is
@@ -89,9 +92,13 @@ class GradientDefense:
         floor: isotropic noise energy relative to ``‖ḡ‖²`` added everywhere (0 to disable).
         mechanism: ``"spectral"`` (water-filling), ``"isotropic"`` (the same energy spread evenly, the
             DP-SGD-like baseline), or ``"monitor"`` (no noise; risk is still estimated and logged).
-        k: singular triplets tracked per probe sample.
+        k: singular triplets tracked per probe sample. With ``k >= min(d, m)`` the exact, complete spectrum
+            is computed (``d`` products; small inputs such as 8x8 digits). Otherwise the risk is recorded
+            with the conservative top-k tail (unheld directions counted at ``s_k``), which then dominates it.
         probes: samples of each batch whose spectrum is estimated at a refresh.
-        refresh_every: steps between refreshes (the subspace and allocation are reused in between).
+        refresh_every: steps between refreshes (the subspace and allocation are reused in between). A
+            refresh costs about 20 plain batch-32 steps of a LeNet at the defaults (``benchmarks/overhead.py``),
+            so the default 100 keeps the amortised cost near 1.3x a plain step.
         sweeps: estimator sweeps at a warm-started refresh; ``cold_sweeps`` at most for a cold one (and
             at most that many more when a warm one is unconverged).
         oversample: extra columns of the estimator's block (``k + oversample`` vectors per sweep).
@@ -184,7 +191,8 @@ class GradientDefense:
         self._spectrum: Spectrum | None = None  # the probes' spectrum in force (None: no trusted estimate)
         self._warm: Spectrum | None = None  # the last successful estimate, to warm-start the next one
         self._plan: _NoisePlan | None = None
-        self._basis_t: tuple[Tensor, Tensor] | None = None  # (noised left vectors as rows, their unit variances)
+        self._basis_t: tuple[Tensor, Tensor] | None = None  # (noised left vectors as rows, their unit std devs)
+        self._buf: tuple[tuple, Tensor, list[Tensor]] | None = None  # flat noise buffer and per-parameter views
         self._next_refresh = 0
         self._failures = 0  # consecutive failed estimates
         self._last_failure = ""
@@ -253,25 +261,36 @@ class GradientDefense:
     def _params(self) -> list[Tensor]:
         return list(trainable_parameters(self.model).values())
 
-    def _flat_grad(self, params: list[Tensor]) -> Tensor:
-        grads = []
-        for p in params:
-            if p.grad is None:
-                grads.append(torch.zeros(p.numel(), dtype=p.dtype, device=p.device))
+    def _energy(self, params: list[Tensor]) -> float:
+        """``‖ḡ‖²`` over the trainable parameters' gradients (None counts as zero) in float64; raises
+        :class:`DefenseError` if a gradient holds NaN/Inf (the norms then do)."""
+        grads = [p.grad.detach() for p in params if p.grad is not None]
+        energy = 0.0
+        if grads:
+            norms = torch._foreach_norm(grads)
+            if len({n.dtype for n in norms}) == 1 and len({n.device for n in norms}) == 1:
+                energy = float(torch.stack(norms).double().pow(2).sum())
             else:
-                grads.append(p.grad.detach().reshape(-1))
-        return torch.cat(grads)
-
-    @staticmethod
-    def _energy(g: Tensor) -> float:
-        """``‖g‖²`` in float64; raises :class:`DefenseError` if ``g`` holds NaN/Inf (the sum then does)."""
-        energy = float(torch.dot(g, g)) if g.dtype == torch.float64 else float(torch.dot(g.double(), g.double()))
+                energy = sum(float(n.double()) ** 2 for n in norms)
         if not math.isfinite(energy):
             raise DefenseError(
                 "invdefend.GradientDefense: the gradient contains NaN/Inf, nothing was released; "
                 "lower the learning rate or clip gradients before the step"
             )
         return energy
+
+    def _buffer(self, params: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """A flat noise buffer ``(m,)`` and its per-parameter views, reused while the parameters stay the same."""
+        key = tuple((id(p), p.shape, p.dtype, p.device) for p in params)
+        if self._buf is None or self._buf[0] != key:
+            dtype = params[0].dtype if len({p.dtype for p in params}) == 1 else torch.float64
+            buf = torch.empty(sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
+            views, offset = [], 0
+            for p in params:
+                views.append(buf[offset : offset + p.numel()].view(p.shape))
+                offset += p.numel()
+            self._buf = (key, buf, views)
+        return self._buf[1], self._buf[2]
 
     def _batch(self) -> tuple[Tensor, Tensor]:
         if self._inputs is None or self._targets is None:
@@ -284,7 +303,6 @@ class GradientDefense:
                 f"invdefend.GradientDefense: captured {self._inputs.shape[0]} inputs but "
                 f"{self._targets.shape[0]} targets; the loss must see the same batch as the model"
             )
-        check_batch("GradientDefense", self._inputs)
         return self._inputs, self._targets
 
     def _estimate(self, inputs: Tensor, targets: Tensor) -> Spectrum:
@@ -416,15 +434,21 @@ class GradientDefense:
     def protect(self) -> ReleaseRecord:
         """Add the defense's noise to the model's gradients in place and record the release."""
         params = self._params()
-        g = self._flat_grad(params)
-        grad_energy = self._energy(g)
+        grad_energy = self._energy(params)
         inputs, targets = self._batch()
         batch = int(inputs.shape[0])
-        m = g.numel()
-        refreshed = self.step >= self._next_refresh
+        m = sum(p.numel() for p in params)
+        # Re-estimate now if the set of trainable parameters changed (a layer was (un)frozen): the tracked
+        # subspace lives in the old parameter space.
+        stale = self._spectrum is not None and self._spectrum.out_dim != m
+        refreshed = self.step >= self._next_refresh or stale
         record_kwargs: dict[str, Any] = {}
         extra: dict[str, Any] = {"batch_size": batch}
         if refreshed:
+            # A batch no estimate can use (empty, integer, half precision, NaN/Inf) is an error to fix, not a
+            # step to release under fallback noise. Checked where the batch is used: between refreshes the
+            # inputs only matter through the gradient, whose NaN/Inf _energy refuses.
+            check_batch("GradientDefense", inputs)
             t0 = time.perf_counter()
             try:
                 spec = self._estimate(inputs, targets)
@@ -444,6 +468,7 @@ class GradientDefense:
             extra["estimate_seconds"] = time.perf_counter() - t0
         plan, spec = self._plan, self._spectrum
         fallback = plan is None and self.mechanism != "monitor"
+        rel = 0.0
         if fallback:
             warnings.warn(
                 f"invdefend.GradientDefense step {self.step}: estimation failed ({self._last_failure}); "
@@ -451,19 +476,17 @@ class GradientDefense:
                 RuntimeWarning,
                 stacklevel=2,
             )
-            delta = math.sqrt(self.fallback_budget * grad_energy / m) * self.noise.normal((m,), g.dtype, g.device)
+            buf, views = self._buffer(params)
+            buf.copy_(self.noise.normal((m,), buf.dtype, buf.device)).mul_(math.sqrt(self.fallback_budget * grad_energy / m))
+            rel = self._release(params, buf, views, grad_energy)
             relative_budget, target_reached = self.fallback_budget, None
         elif plan is None:  # monitor mode without a valid estimate: nothing to add, by request
-            delta, relative_budget, target_reached = None, 0.0, None
+            relative_budget, target_reached = 0.0, None
         else:
-            delta = self._draw(plan, spec, grad_energy, g)
+            buf, views = self._buffer(params)
+            if self._draw(plan, spec, grad_energy, buf):
+                rel = self._release(params, buf, views, grad_energy)
             relative_budget, target_reached = plan.relative_budget, plan.target_reached
-        if delta is not None:
-            self._add_to_grads(params, delta)
-            d64 = delta.double()
-            rel = float(torch.dot(d64, d64)) / grad_energy if grad_energy > 0 else 0.0
-        else:
-            rel = 0.0
         record = ReleaseRecord(
             kind=self.kind,
             step=self.step,
@@ -482,50 +505,60 @@ class GradientDefense:
         self.step += 1
         return record
 
-    def _draw(self, plan: _NoisePlan, spec: Spectrum | None, grad_energy: float, g: Tensor) -> Tensor | None:
-        """One draw of the plan's noise for a gradient of energy ``grad_energy`` (None if it adds nothing).
+    def _draw(self, plan: _NoisePlan, spec: Spectrum | None, grad_energy: float, buf: Tensor) -> bool:
+        """Write one draw of the plan's noise, for a gradient of energy ``grad_energy``, into ``buf``;
+        returns False (``buf`` untouched) when the plan adds nothing.
 
-        Equivalent to ``shaped_noise(U, τ·‖ḡ‖², source).sum(0)`` over the probes, computed as one vector-matrix
-        product with the cached left vectors that receive noise (at most ``P·k`` rows of length ``m``): the hot
-        path of every step.
+        Equivalent to ``shaped_noise(U, τ·‖ḡ‖², source).sum(0)`` over the probes (plus the isotropic part),
+        computed as one vector-matrix product with the cached left vectors that receive noise (at most
+        ``P·k`` rows of length ``m``): the hot path of every step.
         """
-        delta: Tensor | None = None
+        wrote = False
         if plan.shaped is not None and spec is not None and spec.left_vectors is not None:
             cache = self._basis_t
-            if cache is None or cache[0].dtype != g.dtype or cache[0].device != g.device:
+            if cache is None or cache[0].dtype != buf.dtype or cache[0].device != buf.device:
                 # Only directions that receive noise matter: water-filling leaves the strongest (and, with
                 # the reference precision, the weakest) at zero.
                 P, m, k = spec.left_vectors.shape
-                keep = (plan.shaped.reshape(-1) > 0).nonzero().squeeze(1)
+                unit = plan.shaped.reshape(-1)
+                keep = (unit > 0).nonzero().squeeze(1)
                 basis_t = spec.left_vectors.permute(0, 2, 1).reshape(P * k, m)[keep]
-                cache = (basis_t.to(device=g.device, dtype=g.dtype).contiguous(), plan.shaped.reshape(-1)[keep])
+                cache = (basis_t.to(device=buf.device, dtype=buf.dtype).contiguous(),
+                         unit[keep].sqrt().to(device=buf.device, dtype=buf.dtype))
                 self._basis_t = cache
-            basis_t, unit = cache
-            if unit.numel():
-                z = self.noise.normal((unit.numel(),), g.dtype, g.device)
-                delta = ((unit * grad_energy).sqrt().to(device=g.device, dtype=g.dtype) * z) @ basis_t
+            basis_t, unit_std = cache
+            if unit_std.numel():
+                z = self.noise.normal((unit_std.numel(),), buf.dtype, buf.device)
+                z.mul_(unit_std).mul_(math.sqrt(grad_energy))
+                torch.matmul(z.unsqueeze(0), basis_t, out=buf.view(1, -1))
+                wrote = True
         if plan.isotropic > 0:
-            iso = math.sqrt(plan.isotropic * grad_energy) * self.noise.normal((g.numel(),), g.dtype, g.device)
-            delta = iso if delta is None else delta + iso
-        return delta
+            iso = self.noise.normal((buf.numel(),), buf.dtype, buf.device)
+            std = math.sqrt(plan.isotropic * grad_energy)
+            if wrote:
+                buf.add_(iso, alpha=std)
+            else:
+                torch.mul(iso, std, out=buf)
+            wrote = True
+        return wrote
 
     @staticmethod
-    def _add_to_grads(params: list[Tensor], delta: Tensor) -> None:
-        offset = 0
-        grads: list[Tensor] = []
-        pieces: list[Tensor] = []
+    def _release(params: list[Tensor], buf: Tensor, views: list[Tensor], grad_energy: float) -> float:
+        """Add the noise in ``buf`` to the gradients in place; returns its energy relative to ``grad_energy``."""
         with torch.no_grad():
-            for p in params:
-                n = p.numel()
-                piece = delta[offset : offset + n].view_as(p).to(p.dtype)
+            grads, pieces = [], []
+            for p, v in zip(params, views):
                 if p.grad is None:
-                    p.grad = piece.clone()
-                else:
+                    p.grad = v.to(p.dtype).clone()
+                elif p.grad.dtype == v.dtype:
                     grads.append(p.grad)
-                    pieces.append(piece)
-                offset += n
+                    pieces.append(v)
+                else:
+                    p.grad.add_(v.to(p.grad.dtype))
             if grads:
                 torch._foreach_add_(grads, pieces)
+        b64 = buf.double()
+        return float(torch.dot(b64, b64)) / grad_energy if grad_energy > 0 else 0.0
 
     # -- state --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
