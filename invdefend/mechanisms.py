@@ -37,6 +37,7 @@ __all__ = [
     "make_noise_source",
     "shaped_noise",
     "band_pass_noise",
+    "placement_variances",
 ]
 
 
@@ -275,3 +276,55 @@ def band_pass_noise(
     gw = torch.cat(Qs[:n], dim=2) @ coeff.to(op.dtype) * wnorm
     delta = op.matvec(gw).squeeze(-1)
     return delta * torch.as_tensor(scale, dtype=op.dtype, device=op.device).reshape(-1, 1)
+
+
+def placement_variances(
+    singular_values: Tensor,
+    energy: Tensor | float,
+    placement: str,
+    *,
+    fraction: float = 0.25,
+    percentile: float = 25.0,
+) -> Tensor:
+    """Per-direction noise variances ``τ_i`` (along the left singular vectors ``u_i``) of a spectral placement.
+
+    ``singular_values`` ``(B, k)`` (zeros mark directions outside range(J) and get no noise); every row's
+    variances sum to ``energy`` ``(B,)`` (or a scalar). Placements (frontier study, ``docs/frontier.md``):
+
+    * ``"weak25"`` (``fraction``): equal variance on the weakest ``fraction`` of the non-zero directions;
+    * ``"band_pass"`` (``percentile``): ``τ_i ∝ s_i²/(s_i² + μ)²`` with ``μ`` the ``percentile``-th percentile
+      of the non-zero ``s_i²`` — the law of :func:`band_pass_noise` along ``u_i``.
+    """
+    if singular_values.dim() != 2:
+        raise ValueError(
+            f"invdefend.mechanisms.placement_variances: singular_values must be (B, k), got {tuple(singular_values.shape)}"
+        )
+    if not 0.0 < fraction <= 1.0 or not 0.0 < percentile < 100.0:
+        raise ValueError(
+            f"invdefend.mechanisms.placement_variances: need 0 < fraction <= 1 and 0 < percentile < 100, got "
+            f"fraction={fraction}, percentile={percentile}"
+        )
+    s = singular_values
+    B = s.shape[0]
+    e = torch.as_tensor(energy, dtype=s.dtype, device=s.device).expand(B) if not isinstance(energy, Tensor) or energy.dim() == 0 else energy.to(s.dtype)
+    if e.shape != (B,) or bool((e < 0).any()):
+        raise ValueError(
+            f"invdefend.mechanisms.placement_variances: energy must be >= 0, a scalar or shaped ({B},), got {tuple(e.shape)}"
+        )
+    valid = s > 0
+    if not bool(valid.any(dim=1).all()):
+        raise ValueError("invdefend.mechanisms.placement_variances: a row has no non-zero singular value")
+    if placement == "weak25":
+        n_valid = valid.sum(dim=1, keepdim=True)
+        n_weak = torch.clamp((n_valid.to(torch.float64) * fraction).ceil().long(), min=1)
+        rank = torch.where(valid, s, torch.full_like(s, float("inf"))).argsort(dim=1).argsort(dim=1)  # 0 = weakest
+        shape = ((rank < n_weak) & valid).to(s.dtype)
+    elif placement == "band_pass":
+        s2 = s.pow(2)
+        mu = torch.stack([torch.quantile(s2[b][valid[b]].double(), percentile / 100.0) for b in range(B)]).to(s.dtype)
+        shape = torch.where(valid, s2 / (s2 + mu.unsqueeze(1)).pow(2), torch.zeros_like(s))
+    else:
+        raise ValueError(
+            f"invdefend.mechanisms.placement_variances: placement={placement!r}; choose 'weak25' or 'band_pass'"
+        )
+    return shape * (e / shape.sum(dim=1)).unsqueeze(1)
