@@ -72,6 +72,8 @@ class DemoConfig:
         batch_size, lr, momentum: the SGD loop (with a cosine learning-rate decay to 0).
         mechanisms: runs to make, among ``"monitor"`` (undefended), ``"spectral"``, ``"isotropic"``.
         threads: torch intra-op threads during the runs (1: this CNN is far too small to gain from more).
+        audit_samples: test digits attacked after training (at the initial weights, undefended and defended;
+            :func:`invdefend.audit.quick_audit`); 0 skips the audit.
     """
 
     out: str = "runs"
@@ -86,6 +88,7 @@ class DemoConfig:
     momentum: float = 0.9
     mechanisms: tuple[str, ...] = ("monitor", "spectral", "isotropic")
     threads: int = 1
+    audit_samples: int = 3
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.mechanisms if m not in MECHANISMS]
@@ -368,4 +371,18 @@ def run_demo(config: DemoConfig | None = None, *, verbose: bool = True) -> DemoR
             print(f"  undefended predicted PSNR of the same samples: mean {plain.undefended_risk('mean'):.1f} dB, "
                   f"max {plain.undefended_risk('max'):.1f} dB")
         print(f"  risk plot: {png}; figures: {summary}\n  view the runs: tensorboard --logdir {config.out}")
+    if config.audit_samples > 0:  # real attacks on the initial weights (where they are strongest), batch of one
+        from .audit import format_summary, quick_audit
+
+        torch.manual_seed(config.seed)
+        initial = digits_cnn().eval()
+        noisy = "spectral" if "spectral" in config.mechanisms else "isotropic"
+        audit = quick_audit(initial, nn.functional.cross_entropy, runs.x_test, runs.y_test, defenses=("none", noisy),
+                            budget=config.budget, n=config.audit_samples, out_dir=Path(config.out) / "audit",
+                            seed=config.seed)
+        if verbose:
+            print(f"attack audit: DLG, Inverting Gradients and the defense-aware attack on {config.audit_samples} "
+                  "test digits' gradients at the initial weights (PSNR in dB, capped at 60):")
+            print(format_summary(audit["summary"]))
+            print(f"  originals vs reconstructions: {audit['files']['grid']}")
     return DemoResult(runs, table, png, summary)
