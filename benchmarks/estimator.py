@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 samples (default 4)")
     parser.add_argument("--samples", type=int, default=None)
     parser.add_argument("--k", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 0 leaves torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
