@@ -13,6 +13,7 @@ from ..risk import default_prior_variance
 from ..spectral import Spectrum
 
 __all__ = [
+    "MECHANISMS", "check_noise_settings",
     "DefenseError", "check_budget", "check_model", "check_batch", "target_invloss", "estimator_error",
     "spectrum_state", "spectrum_from_state",
 ]
@@ -44,6 +45,22 @@ def check_budget(owner: str, name: str, value: float) -> None:
             f"invdefend.{owner}: {name}={value!r} must be a finite noise energy > 0 relative to the signal's "
             "(e.g. 0.05 for 5 %); to train without noise use mechanism='monitor'"
         )
+
+
+MECHANISMS = ("spectral", "isotropic", "monitor")
+
+
+def check_noise_settings(owner: str, mechanism: str, budget: float, max_budget: float, floor: float) -> None:
+    """Validate the settings both defenses share: the mechanism, the budgets and the isotropic floor."""
+    if mechanism not in MECHANISMS:
+        raise ValueError(
+            f"invdefend.{owner}: mechanism={mechanism!r}; choose 'spectral', 'isotropic' or 'monitor'"
+        )
+    if mechanism != "monitor":
+        check_budget(owner, "budget", budget)
+    check_budget(owner, "max_budget", max_budget)
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not math.isfinite(floor) or floor < 0:
+        raise ValueError(f"invdefend.{owner}: floor={floor!r} must be finite and >= 0 (0 disables it)")
 
 
 def target_invloss(target_psnr: float, dynamic_range: float, v0: float | None = None) -> float:

@@ -29,7 +29,9 @@ from ..mechanisms import NoiseSource, make_noise_source, shaped_noise, water_fil
 from ..monitor import ReleaseRecord, RiskMonitor
 from ..risk import DEFAULT_RHO, NoiseModel, default_prior_variance, invloss, leakage, predicted_psnr
 from ..spectral import Spectrum, exact_spectrum, topk_spectrum
-from .common import DefenseError, check_batch, check_budget, check_model, estimator_error, target_invloss
+from .common import (
+    DefenseError, check_batch, check_budget, check_model, check_noise_settings, estimator_error, target_invloss,
+)
 
 __all__ = ["EmbeddingDefense"]
 
@@ -79,15 +81,7 @@ class EmbeddingDefense:
         writer: Any | None = None,
         callbacks: Iterable[Callable[[ReleaseRecord], None]] = (),
     ) -> None:
-        if mechanism not in ("spectral", "isotropic", "monitor"):
-            raise ValueError(
-                f"invdefend.EmbeddingDefense: mechanism={mechanism!r}; choose 'spectral', 'isotropic' or 'monitor'"
-            )
-        if mechanism != "monitor":
-            check_budget("EmbeddingDefense", "budget", budget)
-        check_budget("EmbeddingDefense", "max_budget", max_budget)
-        if floor < 0 or not math.isfinite(floor):
-            raise ValueError(f"invdefend.EmbeddingDefense: floor={floor} must be finite and >= 0")
+        check_noise_settings("EmbeddingDefense", mechanism, budget, max_budget, floor)
         if k < 1:
             raise ValueError(f"invdefend.EmbeddingDefense: k={k} must be >= 1")
         check_model("EmbeddingDefense", bottom)  # half precision: refuse now, not at every batch

@@ -55,8 +55,8 @@ from ..monitor import ReleaseRecord, RiskMonitor
 from ..risk import DEFAULT_RHO, NoiseModel, default_prior_variance, invloss, leakage, predicted_psnr
 from ..spectral import Spectrum, exact_spectrum, topk_spectrum
 from .common import (
-    DefenseError, check_batch, check_budget, check_model, estimator_error, spectrum_from_state, spectrum_state,
-    target_invloss,
+    DefenseError, check_batch, check_budget, check_model, check_noise_settings, estimator_error, spectrum_from_state,
+    spectrum_state, target_invloss,
 )
 
 __all__ = ["GradientDefense", "DefendedOptimizer"]
@@ -146,15 +146,7 @@ class GradientDefense:
         callbacks: Iterable[Callable[[ReleaseRecord], None]] = (),
         capture: bool = True,
     ) -> None:
-        if mechanism not in ("spectral", "isotropic", "monitor"):
-            raise ValueError(
-                f"invdefend.GradientDefense: mechanism={mechanism!r}; choose 'spectral', 'isotropic' or 'monitor'"
-            )
-        if mechanism != "monitor":
-            check_budget("GradientDefense", "budget", budget)
-        check_budget("GradientDefense", "max_budget", max_budget)
-        if not isinstance(floor, (int, float)) or not math.isfinite(floor) or floor < 0:
-            raise ValueError(f"invdefend.GradientDefense: floor={floor!r} must be finite and >= 0 (0 disables it)")
+        check_noise_settings("GradientDefense", mechanism, budget, max_budget, floor)
         for name, value in (("k", k), ("probes", probes), ("refresh_every", refresh_every), ("sweeps", sweeps),
                             ("cold_sweeps", cold_sweeps)):
             if isinstance(value, bool) or int(value) != value or value < 1:
