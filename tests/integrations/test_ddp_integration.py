@@ -223,8 +223,8 @@ def test_the_hook_state_needs_an_initialised_process_group() -> None:
     from invdefend.defense import GradientDefense
     from invdefend.integrations.ddp import SpectralNoiseHookState
 
-    if dist.is_available() and dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
+    # Precondition, not a skip: the 2-process runs use spawned workers, so the test process never holds a group.
+    assert not (dist.is_available() and dist.is_initialized()), "a process group leaked into the test process"
     defense = GradientDefense(nn.Linear(3, 2), nn.CrossEntropyLoss(), seed=0)
     with pytest.raises(RuntimeError, match="init_process_group"):
         SpectralNoiseHookState(defense)
