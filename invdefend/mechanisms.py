@@ -231,18 +231,41 @@ def shaped_noise(basis: Tensor, variances: Tensor, source: NoiseSource) -> Tenso
 
 def band_pass_noise(
     op: JacobianOperator,
-    mu: Tensor | float,
+    mu: Tensor | float | None,
     scale: Tensor | float,
     source: NoiseSource,
     *,
     steps: int = 24,
-) -> Tensor:
+    mu_quantile: float = 0.25,
+    return_mu: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Matrix-function noise ``δ = scale · J·g(JᵀJ)·w`` with ``g(λ) = 1/(λ + μ)`` and ``w ~ N(0, I_d)``.
 
     Its variance along ``u_i`` is ``scale²·s_i²·g(s_i²)²`` (THEORY §4): largest for ``s_i² ≈ μ``, small for
     directions far stronger or weaker. ``g(JᵀJ)w`` is applied by Lanczos on ``JᵀJ`` (``steps`` products) with
     no SVD. Returns ``(B, m)``.
+
+    Args:
+        mu: ``μ`` (a scalar or one per sample, ``(B,)``); ``None`` to choose it per sample as the
+            ``mu_quantile`` quantile of the non-zero eigenvalues of ``JᵀJ`` (the squared singular values
+            ``s_i²``), estimated at no extra cost from the same Lanczos run by stochastic Lanczos quadrature:
+            the spectral measure is approximated by the Ritz values ``θ_j`` of the tridiagonal ``T`` with
+            weights ``Y[0, j]²`` (one random start vector, so the estimate is a noisy one: with ``steps = d``
+            the ``θ_j`` are exact eigenvalues but their weights are ``(u_jᵀw)²/‖w‖²``, not ``1/d``). Ritz
+            values ``≤ 1e-10·θ_max`` count as zero and are left out (weights renormalised); the quantile is the
+            smallest ``θ_j`` whose cumulative weight reaches ``mu_quantile``. A sample whose Jacobian is zero
+            gets ``μ = 1`` (its noise is zero whatever ``μ``).
+        mu_quantile: in ``(0, 1)``; used only when ``mu`` is None.
+        return_mu: also return the ``μ`` used, ``(B,)`` float64.
     """
+    if isinstance(mu_quantile, bool) or not isinstance(mu_quantile, (int, float)) or not 0.0 < mu_quantile < 1.0:
+        raise ValueError(
+            f"invdefend.mechanisms.band_pass_noise: mu_quantile={mu_quantile!r} must be a number in (0, 1) "
+            "(e.g. 0.25 for the 25th percentile of the non-zero s²)"
+        )
+    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+        raise ValueError(f"invdefend.mechanisms.band_pass_noise: steps={steps!r} must be an integer >= 1")
+    steps = int(steps)
     B, d = op.batch_size, op.in_dim
     w = source.normal((B, d, 1), op.dtype, op.device)
     wnorm = w.norm(dim=1, keepdim=True)
@@ -271,11 +294,38 @@ def band_pass_noise(
         off = torch.stack(betas[: n - 1], -1).double()
         T = T + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
     theta, Y = torch.linalg.eigh(T)
-    mu_t = torch.as_tensor(mu, dtype=torch.float64, device=op.device).reshape(-1, 1)
+    if mu is None:
+        mu_t = _quadrature_quantile(theta, Y[:, 0, :].pow(2), float(mu_quantile)).reshape(-1, 1)
+    else:
+        mu_t = torch.as_tensor(mu, dtype=torch.float64, device=theta.device).reshape(-1, 1)
     coeff = Y @ ((Y[:, 0, :] / (theta.clamp_min(0) + mu_t)).unsqueeze(-1))  # g(T) e1
     gw = torch.cat(Qs[:n], dim=2) @ coeff.to(op.dtype) * wnorm
     delta = op.matvec(gw).squeeze(-1)
-    return delta * torch.as_tensor(scale, dtype=op.dtype, device=op.device).reshape(-1, 1)
+    delta = delta * torch.as_tensor(scale, dtype=op.dtype, device=op.device).reshape(-1, 1)
+    if return_mu:
+        return delta, mu_t.reshape(-1).expand(B).clone()
+    return delta
+
+
+def _quadrature_quantile(theta: Tensor, weights: Tensor, q: float) -> Tensor:
+    """Per row, the ``q`` quantile of the discrete measure ``Σ_j weights_j δ(θ_j)`` restricted to its
+    non-zero support (``θ > 1e-10·θ_max``, weights renormalised): the smallest ``θ_j`` whose cumulative
+    weight reaches ``q``. Rows without a non-zero ``θ`` get 1. ``theta``, ``weights``: ``(B, n)``; returns
+    ``(B,)`` float64."""
+    theta, weights = theta.double(), weights.double()
+    top = theta.max(dim=-1, keepdim=True).values
+    keep = (theta > 1e-10 * top) & (theta > 0)
+    w = torch.where(keep, weights, torch.zeros_like(weights))
+    order = theta.argsort(dim=-1)
+    th_sorted, w_sorted = theta.gather(-1, order), w.gather(-1, order)
+    total = w_sorted.sum(dim=-1, keepdim=True)
+    cdf = w_sorted.cumsum(dim=-1) / total.clamp_min(torch.finfo(torch.float64).tiny)
+    # First kept index whose cumulative weight reaches q (a tiny slack for rounding).
+    reached = (cdf >= q - 1e-12) & keep.gather(-1, order)
+    first = reached.to(torch.int8).argmax(dim=-1)  # 0 where nothing is reached (then replaced below)
+    mu = th_sorted.gather(-1, first.unsqueeze(-1)).squeeze(-1)
+    ok = reached.any(dim=-1) & (total.squeeze(-1) > 0) & torch.isfinite(mu) & (mu > 0)
+    return torch.where(ok, mu, torch.ones_like(mu))
 
 
 def placement_variances(

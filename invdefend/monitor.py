@@ -137,11 +137,14 @@ class RiskMonitor:
                 del self.history[: len(self.history) - self.max_history]
         if record.fallback_reason and record.refreshed:
             # Once per failed estimate (retries back off), not at every step released in fallback.
-            logger.warning(
-                "invdefend.%s step %d: estimation failed (%s); %s",
-                record.kind, record.step, record.fallback_reason,
-                "released with conservative isotropic noise" if record.fallback else "no noise added (monitor mode)",
-            )
+            if record.fallback:
+                outcome = "released with conservative isotropic noise"
+            elif record.mechanism == "monitor":
+                outcome = "no noise added (monitor mode)"
+            else:  # a mechanism whose noise needs no estimate (band_pass): only the risk record is lost
+                outcome = f"released with {record.mechanism} noise; no risk recorded"
+            logger.warning("invdefend.%s step %d: estimation failed (%s); %s",
+                           record.kind, record.step, record.fallback_reason, outcome)
         if self.writer is not None:
             self._write(record)
         for cb in self.callbacks:

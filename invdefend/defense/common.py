@@ -47,15 +47,21 @@ def check_budget(owner: str, name: str, value: float) -> None:
         )
 
 
-MECHANISMS = ("spectral", "isotropic", "monitor")
+MECHANISMS = ("spectral", "band_pass", "isotropic", "monitor")
 
 
-def check_noise_settings(owner: str, mechanism: str, budget: float, max_budget: float, floor: float) -> None:
-    """Validate the settings both defenses share: the mechanism, the budgets and the isotropic floor."""
-    if mechanism not in MECHANISMS:
-        raise ValueError(
-            f"invdefend.{owner}: mechanism={mechanism!r}; choose 'spectral', 'isotropic' or 'monitor'"
-        )
+def check_noise_settings(
+    owner: str, mechanism: str, budget: float, max_budget: float, floor: float,
+    mechanisms: tuple[str, ...] = MECHANISMS,
+) -> None:
+    """Validate the settings both defenses share: the mechanism (among ``mechanisms``, those ``owner``
+    implements), the budgets and the isotropic floor."""
+    if not isinstance(mechanism, str) or mechanism not in mechanisms:
+        choices = ", ".join(repr(m) for m in mechanisms[:-1]) + f" or {mechanisms[-1]!r}"
+        hint = ""
+        if mechanism in MECHANISMS:
+            hint = f" ({mechanism!r} is not available for {owner})"
+        raise ValueError(f"invdefend.{owner}: mechanism={mechanism!r}{hint}; choose {choices}")
     if mechanism != "monitor":
         check_budget(owner, "budget", budget)
     check_budget(owner, "max_budget", max_budget)

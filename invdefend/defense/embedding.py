@@ -81,7 +81,8 @@ class EmbeddingDefense:
         writer: Any | None = None,
         callbacks: Iterable[Callable[[ReleaseRecord], None]] = (),
     ) -> None:
-        check_noise_settings("EmbeddingDefense", mechanism, budget, max_budget, floor)
+        check_noise_settings("EmbeddingDefense", mechanism, budget, max_budget, floor,
+                             mechanisms=("spectral", "isotropic", "monitor"))  # no band_pass for embeddings
         if k < 1:
             raise ValueError(f"invdefend.EmbeddingDefense: k={k} must be >= 1")
         check_model("EmbeddingDefense", bottom)  # half precision: refuse now, not at every batch

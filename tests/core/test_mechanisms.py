@@ -110,6 +110,45 @@ def test_band_pass_noise_covariance_matches_the_matrix_function():
     assert int(var.argmax()) == int((s2 - mu).abs().argmin())
 
 
+def _rank_deficient_linear(d: int = 16, m: int = 24, rank: int = 13, batch: int = 400):
+    """``op`` of a linear map (the same ``J`` for each of ``batch`` samples) and J's non-zero ``s²``, sorted."""
+    torch.manual_seed(1)
+    A = torch.randn(m, d, dtype=torch.float64) * torch.logspace(0.5, -1, d, dtype=torch.float64)
+    A[:, rank:] = 0
+    layer = nn.Linear(d, m, bias=False).double()
+    with torch.no_grad():
+        layer.weight.copy_(A)
+    s2 = torch.linalg.svdvals(A).pow(2)
+    return embedding_jacobian(layer, torch.zeros(batch, d, dtype=torch.float64)), s2[s2 > 1e-10 * s2.max()].sort().values
+
+
+@pytest.mark.parametrize("q", [0.25, 0.75])
+def test_band_pass_noise_chooses_mu_at_the_quantile_of_the_nonzero_spectrum(q):
+    op, nz = _rank_deficient_linear()
+    d = op.in_dim
+    delta, mu = band_pass_noise(op, None, 1.0, SeededNoise(seed=2), steps=d, mu_quantile=q, return_mu=True)
+    assert delta.shape == (op.batch_size, op.out_dim) and mu.shape == (op.batch_size,)
+    # steps = d: the Ritz values are exact eigenvalues, so every μ is one of the non-zero s² (never a zero one).
+    gap = (mu.unsqueeze(1) - nz).abs().min(dim=1).values
+    assert float(gap.max()) <= 1e-8 * float(nz.max())
+    # One random start vector weighs the eigenvalues by (u_iᵀw)²/‖w‖², not 1/d: each μ is a noisy estimate,
+    # whose median over many draws sits within one eigenvalue of the exact quantile.
+    exact = float(torch.quantile(nz, q))
+    med_rank = int((nz - mu.median()).abs().argmin())
+    exact_rank = int((nz - exact).abs().argmin())
+    assert abs(med_rank - exact_rank) <= 1, (float(mu.median()), exact)
+    # The μ it chose is the μ it used: the same draw with that μ passed explicitly is the same noise.
+    again = band_pass_noise(op, mu, 1.0, SeededNoise(seed=2), steps=d)
+    torch.testing.assert_close(again, delta, rtol=1e-10, atol=1e-12)
+
+
+def test_band_pass_noise_rejects_a_bad_quantile():
+    op, _ = _rank_deficient_linear(batch=2)
+    for q in (0.0, 1.0, -0.2, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="mu_quantile"):
+            band_pass_noise(op, None, 1.0, SeededNoise(seed=0), mu_quantile=q)
+
+
 def test_seeded_noise_is_reproducible_and_checkpointable():
     a, b = SeededNoise(seed=5), SeededNoise(seed=5)
     assert torch.equal(a.normal((3,), torch.float32, torch.device("cpu")), b.normal((3,), torch.float32, torch.device("cpu")))
