@@ -23,6 +23,7 @@ run are printed.
 The last line printed is one JSON object (``defended_over_plain``, ``opacus_over_plain`` and details).
 
     python benchmarks/overhead.py --quick
+    python benchmarks/overhead.py --mechanism band_pass --budget 0.075 --floor 0.025 --rounds 40 --warmup 3
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def _timed(step: Callable[[], None]) -> float:
     return time.perf_counter() - t0
 
 
-def build(seed: int, lr: float, settings: dict[str, int]) -> dict[str, object]:
+def build(seed: int, lr: float, settings: dict[str, object]) -> dict[str, object]:
     """The three identically initialised variants and the data they share."""
     torch.manual_seed(seed)
     base = LeNet()
@@ -88,11 +89,12 @@ def build(seed: int, lr: float, settings: dict[str, int]) -> dict[str, object]:
 
 
 def measure(
-    rounds: int, warmup: int, seed: int = 0, lr: float = 0.01, settings: dict[str, int] | None = None
+    rounds: int, warmup: int, seed: int = 0, lr: float = 0.01, settings: dict[str, object] | None = None
 ) -> dict[str, object]:
     """Interleave ``warmup + rounds`` steps of each variant; return the per-step times and the ratios.
 
-    ``settings`` overrides GradientDefense defaults (``k``, ``probes``, ``sweeps``, ``refresh_every``, ...).
+    ``settings`` overrides GradientDefense defaults (``k``, ``probes``, ``sweeps``, ``refresh_every``,
+    ``mechanism``, ``budget``, ``floor``, ...).
     """
     env = build(seed, lr, settings or {})
     images, labels = env["images"], env["labels"]
@@ -169,6 +171,7 @@ def measure(
         "fallbacks": fallbacks,
         "defense": {"budget": defense.budget, "k": defense.k, "probes": defense.probes, "refresh_every": R,
                     "sweeps": defense.sweeps, "oversample": defense.oversample, "mechanism": defense.mechanism,
+                    "floor": defense.floor,
                     "defaults": not settings},
         "estimator_sweeps": sweeps_used, "estimator_error_max": max(errors) if errors else None,
         "model": "LeNet(3x32x32, width 12, sigmoid)", "batch": BATCH, "threads": torch.get_num_threads(),
@@ -186,12 +189,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch intra-op threads (default 1: a batch-32 LeNet gains nothing from more, and "
                         "spinning threads distort timings on a shared machine)")
     p.add_argument("--seed", type=int, default=0)
-    for name in ("k", "probes", "sweeps", "refresh-every", "oversample"):
+    for name in ("k", "probes", "sweeps", "refresh-every", "oversample", "band-pass-steps"):
         p.add_argument(f"--{name}", type=int, default=None, help="override the GradientDefense default")
+    for name in ("budget", "floor"):
+        p.add_argument(f"--{name}", type=float, default=None, help="override the GradientDefense default")
+    p.add_argument("--mechanism", choices=("spectral", "band_pass", "isotropic", "monitor"), default=None,
+                   help="GradientDefense mechanism (default: its default, 'spectral')")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    settings = {n: getattr(args, n) for n in ("k", "probes", "sweeps", "refresh_every", "oversample")
-                if getattr(args, n) is not None}
+    names = ("k", "probes", "sweeps", "refresh_every", "oversample", "band_pass_steps", "budget", "floor", "mechanism")
+    settings = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     refresh_every = settings.get("refresh_every", GradientDefense.__init__.__kwdefaults__["refresh_every"])
     rounds = args.rounds or refresh_every * (3 if args.quick else 10)
     res = measure(rounds, args.warmup, args.seed, settings=settings)
