@@ -48,7 +48,7 @@ __all__ = [
 #: Attacks :func:`audit` knows, by the name ``--attacks`` uses.
 ATTACKS: tuple[str, ...] = ("dlg", "ig", "idlg", "aware")
 #: Defenses :func:`audit` can put on the release.
-DEFENSES: tuple[str, ...] = ("none", "spectral", "isotropic")
+DEFENSES: tuple[str, ...] = ("none", "spectral", "isotropic", "band_pass")
 #: The log grid of attacker precisions searched by :func:`calibrate_rho` (1e-5 … 1, 4 points per decade).
 RHO_GRID: tuple[float, ...] = tuple(10.0 ** (e / 4) for e in range(-20, 1))
 
@@ -225,11 +225,32 @@ def released_gradient(
     budget: float = 0.05,
     seed: int = 0,
     k: int = 8,
+    floor: float = 0.0,
 ) -> tuple[Tensor, float, Any, float]:
     """The flat gradient one client shares for the batch ``(x, y)``, with a defense's noise when one is on.
 
     The defended release is made by :class:`~invdefend.defense.GradientDefense` exactly as in training
     (``capture``, backward, ``protect``), on a copy of ``model`` so the caller's gradients are untouched.
+    ``floor`` (isotropic energy relative to ``‖g‖²``, >= 0) is passed to every noisy defense; 0 disables it.
+
+    ``defense="band_pass"`` (``GradientDefense(mechanism="band_pass", budget=budget, floor=floor, probes=1)``)
+    is audited against the law it approximates, from the *exact* SVD ``J = U diag(s) Vᵀ`` of the sample's
+    gradient Jacobian (float64; directions with ``s_i <= 1e-10·s_1`` dropped) and the ``μ`` the defense used
+    (``record.extra["band_pass_mu"][0]``):
+
+    * the :class:`~invdefend.attacks.NoiseCovariance` handed to the defense-aware attacker is
+      ``Σ = (floor·‖g‖²/m)·I + U diag(τ) Uᵀ`` with ``τ_i = c·s_i²/(s_i² + μ)²`` and ``c`` such that
+      ``Σ τ_i = budget·‖g‖²``. This is the Gaussian law the mechanism approximates, not its exact law: the
+      released draw comes from a Lanczos approximation of ``J(JᵀJ + μ)⁻¹w`` (only approximately Gaussian
+      with these variances) and is rescaled to energy exactly ``budget·‖g‖²`` (its norm is fixed);
+    * the predicted PSNR is InvRE (:func:`invdefend.risk.invloss`, default ``ρ``) under that same
+      covariance on the same exact, complete spectrum, *not* the defense's recorded prediction: the record
+      is deliberately conservative (``"floor_only"``: it ignores the band-pass noise, so with ``floor=0``
+      it equals the undefended prediction), which would make the audit compare the attacks with a
+      prediction of a release that is not the one attacked.
+
+    The exact SVD makes the band_pass audit cost grow with ``d·m`` (``d`` Jacobian products and an
+    ``m × d`` SVD per sample): fine for digits and 16x16/32x32 patches, not for full-size images.
 
     Returns:
         ``(gradient (m,), predicted_psnr, noise_covariance or None, relative_noise_energy)``: InvRE's
@@ -244,12 +265,13 @@ def released_gradient(
 
     if defense not in DEFENSES:
         raise ValueError(f"invdefend.audit: defense={defense!r}; choose one of {', '.join(DEFENSES)}")
+    _check_floor(floor)
     clean = model_gradient(model, x, y, loss_fn)
     twin = copy.deepcopy(model)
     mechanism = "monitor" if defense == "none" else defense
     guard = GradientDefense(
-        twin, loss_fn, budget=budget, mechanism=mechanism, k=k, probes=1, refresh_every=1, cold_sweeps=12,
-        seed=seed, capture=False,
+        twin, loss_fn, budget=budget, mechanism=mechanism, floor=0.0 if defense == "none" else floor, k=k,
+        probes=1, refresh_every=1, cold_sweeps=12, seed=seed, capture=False,
     )
     try:
         guard.capture(x, y)
@@ -261,8 +283,17 @@ def released_gradient(
         released = torch.cat([p.grad.reshape(-1) for p in params]).detach()
         cov = None
         energy = float(clean.pow(2).sum())
-        plan, spec = guard._plan, guard._spectrum  # the allocation the defense just used (batch of one)
-        if defense != "none" and plan is not None:
+        # The allocation the defense just used (batch of one); GradientDefense has no public accessor for it.
+        plan, spec = guard._plan, guard.spectrum
+        if defense == "band_pass":
+            mu = record.extra.get("band_pass_mu") if not record.fallback else None
+            if not mu:
+                raise RuntimeError(
+                    f"invdefend.audit: the band-pass draw failed ({record.fallback_reason}); the release was made "
+                    "with fallback noise and cannot be audited as band_pass"
+                )
+            predicted, cov = _band_pass_law(model, loss_fn, x, y, float(mu[0]), budget, floor, energy)
+        elif defense != "none" and plan is not None:
             iso = plan.isotropic * energy
             if plan.shaped is not None and spec is not None and spec.left_vectors is not None:
                 cov = NoiseCovariance(
@@ -270,13 +301,68 @@ def released_gradient(
                 )
             else:
                 cov = NoiseCovariance(sigma2_iso=iso)
-        predicted = float(record.predicted_psnr[0]) if record.predicted_psnr else float("nan")
-        if defense == "none" or not record.predicted_psnr:
-            predicted = float(record.undefended_predicted_psnr[0]) if record.undefended_predicted_psnr else predicted
+        if defense != "band_pass":
+            predicted = float(record.predicted_psnr[0]) if record.predicted_psnr else float("nan")
+            if defense == "none" or not record.predicted_psnr:
+                predicted = (float(record.undefended_predicted_psnr[0]) if record.undefended_predicted_psnr
+                             else predicted)
         rel = float((released - clean).pow(2).sum() / max(energy, 1e-30))
     finally:
         guard.detach()
     return released, predicted, cov, rel
+
+
+def _check_floor(floor: float) -> None:
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not math.isfinite(floor) or floor < 0:
+        raise ValueError(f"invdefend.audit: floor={floor!r} must be finite and >= 0 (0 disables it)")
+
+
+def _band_pass_law(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    x: Tensor,
+    y: Tensor,
+    mu: float,
+    budget: float,
+    floor: float,
+    energy: float,
+) -> tuple[float, Any]:
+    """InvRE's predicted PSNR and the attacker's :class:`~invdefend.attacks.NoiseCovariance` of a band-pass
+    release of one sample, from the exact SVD of its gradient Jacobian (see :func:`released_gradient`)."""
+    from .attacks import NoiseCovariance
+    from .jacobian import gradient_jacobian
+    from .risk import DEFAULT_RHO, NoiseModel, invloss, predicted_psnr
+    from .spectral import Spectrum
+
+    with torch.enable_grad():
+        op = gradient_jacobian(model, loss_fn, x[:1], y[:1])
+        J = op.dense()[0].detach().double()  # (m, d)
+    m, d = J.shape
+    U, S, Vh = torch.linalg.svd(J, full_matrices=False)
+    keep = S > 1e-10 * S[0] if S.numel() and S[0] > 0 else torch.zeros_like(S, dtype=torch.bool)
+    r = int(keep.sum())
+    if r == 0:
+        raise RuntimeError("invdefend.audit: the sample's gradient Jacobian is zero; nothing to audit as band_pass")
+    s2 = S[:r] ** 2
+    shape = s2 / (s2 + mu) ** 2
+    tau = shape * (budget * energy / float(shape.sum()))  # Σ τ_i = budget·‖g‖²: the draw is rescaled to it
+    iso = floor * energy / m
+    cov = NoiseCovariance(sigma2_iso=iso, basis=U[:, :r].contiguous(), tau=tau)
+    n = S.numel()  # min(m, d): the complete spectrum, dropped directions carrying no band-pass noise
+    spectrum = Spectrum(
+        singular_values=S.unsqueeze(0),
+        right_vectors=Vh.transpose(0, 1).unsqueeze(0),
+        left_vectors=U.unsqueeze(0),
+        in_dim=d,
+        out_dim=m,
+        signal_norm=torch.tensor([math.sqrt(energy)], dtype=torch.float64),
+        method="exact",
+        complete=True,
+    )
+    shaped = torch.zeros(1, n, dtype=torch.float64)
+    shaped[0, :r] = tau
+    il = invloss(spectrum, NoiseModel(isotropic=iso, shaped=shaped, rho=DEFAULT_RHO))
+    return float(predicted_psnr(il)[0]), cov
 
 
 def _run_attack(
@@ -328,6 +414,7 @@ def audit(
     cap_db: float = 60.0,
     seed: int = 0,
     k: int = 8,
+    floor: float = 0.0,
     progress: Callable[[str], None] | None = None,
 ) -> AuditReport:
     """Attack every sample's shared gradient (batch of one) under each defense and compare with InvRE.
@@ -339,6 +426,10 @@ def audit(
         attacks: names from :data:`ATTACKS` (``"aware"`` runs only where a defense adds noise).
         defenses: names from :data:`DEFENSES`; ``"none"`` is the undefended baseline.
         budget: the defense's noise budget (energy relative to ``‖g‖²``).
+        floor: isotropic noise energy (relative to ``‖g‖²``) every noisy defense adds on top of ``budget``
+            (0: none); recommended with ``"band_pass"``, e.g. ``budget=0.075, floor=0.025``. For
+            ``"band_pass"`` the prediction and the aware attacker's covariance are those of
+            :func:`released_gradient` (the Gaussian law the mechanism approximates, from the exact SVD).
         iterations: iterations of every attack.
         cap_db: PSNRs are capped here (perfect recovery), so averages stay finite.
         seed: seed of the attacks' random starts and of the defense's noise.
@@ -358,6 +449,7 @@ def audit(
             f"invdefend.audit: unknown or missing attacks/defenses {bad}; attacks from {ATTACKS}, "
             f"defenses from {DEFENSES}"
         )
+    _check_floor(floor)
     t0 = time.perf_counter()
     samples: list[SampleAudit] = []
     recs: dict[str, list[Tensor]] = {}
@@ -365,7 +457,7 @@ def audit(
         for i in range(len(inputs)):
             x, y = inputs[i : i + 1], targets[i : i + 1]
             g, predicted, cov, rel = released_gradient(
-                model, loss_fn, x, y, defense=d, budget=budget, seed=seed + i, k=k
+                model, loss_fn, x, y, defense=d, budget=budget, seed=seed + i, k=k, floor=floor
             )
             scores: dict[str, float] = {}
             sims: dict[str, float] = {}
@@ -387,7 +479,8 @@ def audit(
                 progress(f"{d} sample {i}: predicted {predicted:.1f} dB, {best} {scores[best]:.1f} dB "
                          f"({time.perf_counter() - t0:.0f} s)")
     settings = {
-        "attacks": list(attacks), "defenses": list(defenses), "budget": budget, "iterations": iterations,
+        "attacks": list(attacks), "defenses": list(defenses), "budget": budget, "floor": floor,
+        "iterations": iterations,
         "cap_db": cap_db, "seed": seed, "n_samples": len(inputs), "input_shape": list(inputs.shape[1:]),
         "model": type(model).__name__, "seconds": round(time.perf_counter() - t0, 2),
     }
@@ -406,15 +499,17 @@ def quick_audit(
     iterations: int = 100,
     out_dir: str | Path | None = None,
     seed: int = 0,
+    floor: float = 0.0,
 ) -> dict[str, Any]:
     """A short audit of ``n`` samples (DLG + Inverting Gradients, + the defense-aware attack under noise).
 
     Meant for the demo: a few seconds per sample on 8x8 digits. Returns :meth:`AuditReport.to_dict`
     (plus ``"files"`` when ``out_dir`` is given, where ``audit.json``, ``grid.png`` and ``scatter.png`` go).
+    ``budget`` and ``floor`` are passed to every noisy defense (see :func:`audit`).
     """
     report = audit(
         model, loss_fn, inputs[:n], targets[:n], attacks=("dlg", "ig", "aware"), defenses=defenses,
-        budget=budget, iterations=iterations, seed=seed,
+        budget=budget, iterations=iterations, seed=seed, floor=floor,
     )
     out = report.to_dict()
     if out_dir is not None:

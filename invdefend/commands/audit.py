@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Register ``audit``."""
-    from ..audit import ATTACKS
+    from ..audit import ATTACKS, DEFENSES
 
     p = sub.add_parser(
         "audit",
@@ -38,9 +39,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("-n", "--num-samples", type=int, default=4, help="samples to attack (default: 4)")
     p.add_argument("--attacks", default="dlg,ig,aware",
                    help=f"comma-separated, from {','.join(ATTACKS)} (aware runs only under a noisy defense)")
-    p.add_argument("--defense", choices=("none", "spectral", "isotropic"), default="spectral",
-                   help="defense compared with the undefended release (default: spectral; none: baseline only)")
+    p.add_argument("--defense", choices=DEFENSES, default="spectral",
+                   help="defense compared with the undefended release (default: spectral; none: baseline only; "
+                        "band_pass is audited against the Gaussian law it approximates, from the exact SVD of "
+                        "each sample's gradient Jacobian, so its cost grows with d*m)")
     p.add_argument("--budget", type=float, default=0.05, help="defense noise energy relative to ||g||^2")
+    p.add_argument("--floor", type=float, default=0.0,
+                   help="isotropic noise energy relative to ||g||^2 added by the defense on top of --budget "
+                        "(default: 0); recommended with band_pass, e.g. --budget 0.075 --floor 0.025")
     p.add_argument("--iterations", type=int, default=200, help="iterations of every attack (default: 200)")
     p.add_argument("--seed", type=int, default=0, help="seeds the model factory, the data draw, attacks and noise")
     p.add_argument("--out", default="invdefend-audit", help="output directory (default: invdefend-audit)")
@@ -51,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     """Build the model and data, run the audit, print a summary and write the files."""
     from ..audit import audit, format_summary, save_audit
 
+    if not (math.isfinite(args.floor) and args.floor >= 0):
+        raise SystemExit(f"invdefend audit: --floor must be a finite number >= 0 (0 disables it), got {args.floor}")
     torch.manual_seed(args.seed)  # a factory that draws random weights gives the same model every run
     model = load_callable(args.model)()
     if not isinstance(model, nn.Module):
@@ -67,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     defenses = ["none"] if args.defense == "none" else ["none", args.defense]
     report = audit(model, F.cross_entropy, x, y, attacks=attacks, defenses=defenses, budget=args.budget,
-                   iterations=args.iterations, seed=args.seed, progress=print)
+                   floor=args.floor, iterations=args.iterations, seed=args.seed, progress=print)
     report.settings.update({"model": args.model, "checkpoint": args.checkpoint, "data": args.data})
     print(format_summary(report.summary()))
     files = save_audit(report, Path(args.out))

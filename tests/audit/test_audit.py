@@ -150,3 +150,77 @@ def test_cli_audit_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert data["settings"]["defenses"] == ["none", "spectral"] and data["settings"]["data"] == "digits"
     assert (out / "grid.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "scatter.png").read_bytes()[:8] == PNG_MAGIC
+
+
+# --------------------------------------------------------------------------------------------------------
+# band_pass: audited against the Gaussian law it approximates (exact SVD), with an isotropic floor
+
+
+def test_released_gradient_band_pass_law_and_prediction() -> None:
+    from invdefend.defense import GradientDefense
+
+    model, x, y = _tiny()
+    x1, y1 = x[:1], y[:1]
+    g = model_gradient(model, x1, y1, F.cross_entropy).double()
+    energy, m = float(g.pow(2).sum()), g.numel()
+    _, pred_none, _, _ = released_gradient(model, F.cross_entropy, x1, y1, defense="none")
+    released, pred, cov, rel = released_gradient(
+        model, F.cross_entropy, x1, y1, defense="band_pass", budget=0.075, floor=0.025, seed=1
+    )
+    assert released.shape == (m,) and torch.isfinite(released).all()
+    assert all(p.grad is None for p in model.parameters())  # the caller's model is untouched
+    assert 0.07 < rel < 0.13  # 0.075 exactly (band-pass) + one draw of the 0.025 floor over m ≈ 1.1k coordinates
+    assert cov is not None and cov.basis is not None and cov.tau is not None
+    assert float(cov.tau.sum()) == pytest.approx(0.075 * energy, rel=1e-5)
+    assert cov.sigma2_iso * m == pytest.approx(0.025 * energy, rel=1e-5)
+    r = cov.basis.shape[1]
+    assert cov.basis.shape == (m, r) and cov.tau.shape == (r,) and 0 < r <= x1[0].numel()
+    assert torch.allclose(cov.basis.T @ cov.basis, torch.eye(r, dtype=cov.basis.dtype), atol=1e-8)
+    assert (cov.tau >= 0).all()
+    # The defense's own record counts only the floor ("floor_only"); the audit counts the band-pass noise too.
+    twin = LeNet(in_channels=1, image_size=8, width=4).eval()
+    twin.load_state_dict(model.state_dict())
+    guard = GradientDefense(twin, F.cross_entropy, mechanism="band_pass", budget=0.075, floor=0.025, probes=1,
+                            k=8, refresh_every=1, cold_sweeps=12, seed=1, capture=False)
+    guard.capture(x1, y1)
+    F.cross_entropy(twin(x1), y1).backward()
+    record = guard.protect()
+    guard.detach()
+    assert record.extra["risk_noise_model"] == "floor_only"
+    floor_only = float(record.predicted_psnr[0])
+    assert math.isfinite(pred) and pred < floor_only and pred < pred_none
+    with pytest.raises(ValueError, match="floor"):
+        released_gradient(model, F.cross_entropy, x1, y1, defense="band_pass", floor=-0.1)
+
+
+def test_audit_band_pass_runs_the_aware_attack_and_records_the_floor(tmp_path: Path) -> None:
+    model, x, y = _tiny()
+    report = audit(model, F.cross_entropy, x, y, attacks=("dlg", "aware"), defenses=("none", "band_pass"),
+                   budget=0.075, floor=0.025, iterations=30)
+    data = json.loads(report.to_json())
+    assert data["settings"]["floor"] == 0.025 and data["settings"]["budget"] == 0.075
+    assert [s["defense"] for s in data["samples"]] == ["none", "none", "band_pass", "band_pass"]
+    for s in data["samples"]:
+        assert ("aware" in s["attacked_psnr"]) == (s["defense"] == "band_pass")
+        assert math.isfinite(s["predicted_psnr"])
+    summary = data["summary"]
+    assert 0.05 < summary["band_pass"]["relative_noise_energy_mean"] < 0.15
+    assert summary["band_pass"]["predicted_psnr_mean"] < summary["none"]["predicted_psnr_mean"]
+
+
+def test_cli_audit_band_pass_with_floor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    factory = tmp_path / "tinymodel_audit_bp.py"
+    factory.write_text(
+        "import torch\nfrom invdefend.models import LeNet\n"
+        "def make():\n    torch.manual_seed(0)\n    return LeNet(in_channels=1, image_size=8, width=4)\n"
+    )
+    out = tmp_path / "audit-bp"
+    args = ["audit", "--model", f"{factory}:make", "--data", "digits", "-n", "1", "--attacks", "dlg,aware",
+            "--defense", "band_pass", "--budget", "0.075", "--iterations", "10", "--out", str(out)]
+    assert main([*args, "--floor", "0.025"]) == 0
+    assert "band_pass" in capsys.readouterr().out
+    data = json.loads((out / "audit.json").read_text())
+    assert data["settings"]["defenses"] == ["none", "band_pass"] and data["settings"]["floor"] == 0.025
+    assert "aware" in data["samples"][-1]["attacked_psnr"]
+    with pytest.raises(SystemExit, match="floor"):
+        main([*args, "--floor", "-1"])
