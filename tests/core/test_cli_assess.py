@@ -15,7 +15,10 @@ ZOO = ROOT / "examples" / "model_zoo.py"
 
 
 def test_console_script_help():
-    out = subprocess.run(["invdefend", "--help"], capture_output=True, text=True, check=True)
+    # The script pip installed next to this interpreter (the venv need not be activated), else the PATH's.
+    script = Path(sys.executable).parent / "invdefend"
+    out = subprocess.run([str(script) if script.exists() else "invdefend", "--help"], capture_output=True,
+                         text=True, check=True)
     assert "assess" in out.stdout
 
 
