@@ -243,6 +243,8 @@ def main() -> int:
     parser.add_argument("--aware-iters", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--seeds", type=int, default=3, help="training seeds for the accuracy figure")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the patches, the model's initialisation, the noise and the attacks' starts")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--placements", nargs="+", choices=CHOICES, default=list(PLACEMENTS),
                         help="topk_wf = the current GradientDefense default (water-filling on the top-16 directions)")
@@ -262,8 +264,8 @@ def main() -> int:
         parser.error("--placements needs 'isotropic' and at least one spectral placement to compare with")
     t0 = time.perf_counter()
 
-    xs = natural_image_patches(n, size=size, seed=0)
-    net = uniform_init_(LeNet(image_size=size), generator=torch.Generator().manual_seed(0))
+    xs = natural_image_patches(n, size=size, seed=args.seed)
+    net = uniform_init_(LeNet(image_size=size), generator=torch.Generator().manual_seed(args.seed))
     results: dict[str, dict[float, list[dict[str, float]]]] = {p: {e: [] for e in energies} for p in placements}
     for i in range(n):
         x, y = xs[i : i + 1], torch.tensor([i % 10])
@@ -272,8 +274,8 @@ def main() -> int:
         for e in energies:
             for p in placements:
                 cov = _covariance(p, e * gnorm2, U, s, g.numel(), gnorm2)
-                g_noisy = _release(g, cov, torch.Generator().manual_seed(10_000 * i + 7))
-                r = _attack(net, g_noisy, x, y, cov, args, seed=i, aware=True)
+                g_noisy = _release(g, cov, torch.Generator().manual_seed(10_000 * i + 7 + 1_000_000 * args.seed))
+                r = _attack(net, g_noisy, x, y, cov, args, seed=i + 1000 * args.seed, aware=True)
                 results[p][e].append(r)
                 print(f"sample {i} E={e:g} {p:10s} " + " ".join(f"{k}={v:.1f}" for k, v in r.items()),
                       file=sys.stderr, flush=True)
@@ -341,6 +343,7 @@ def main() -> int:
         "acc_drop_pp_isotropic": round(acc_mean["undefended"] - acc_mean["isotropic"], 2),
         "training_fallback_steps": dict(FALLBACK_STEPS),
         "n_samples": n,
+        "seed": args.seed,
         "image_size": size,
         "iterations": {"dlg": args.dlg_iters, "ig": args.ig_iters, "aware": args.aware_iters},
         "epochs": epochs,
