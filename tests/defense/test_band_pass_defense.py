@@ -15,28 +15,15 @@ import invdefend.defense.gradient as gradient_module
 from invdefend.defense import EmbeddingDefense, GradientDefense
 from invdefend.jacobian import gradient_jacobian
 from invdefend.models import MLP
+from tiny_problems import flat_grad, set_grad
+from tiny_problems import make_problem as _make_problem
 
 BATCH, D, CLASSES = 6, 12, 3
 
 
 def make_problem(seed: int = 0):
     """A float64 MLP (m = 131 parameters, d = 12 inputs) and a batch."""
-    torch.manual_seed(seed)
-    model = MLP(D, hidden=(8,), out_features=CLASSES, activation="tanh").double()
-    x = torch.rand(BATCH, D, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    y = torch.randint(0, CLASSES, (BATCH,), generator=torch.Generator().manual_seed(seed + 1))
-    return model, nn.CrossEntropyLoss(), x, y
-
-
-def flat_grad(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone()
-
-
-def set_grad(model: nn.Module, g: torch.Tensor) -> None:
-    offset = 0
-    for p in model.parameters():
-        p.grad = g[offset : offset + p.numel()].view_as(p).clone()
-        offset += p.numel()
+    return _make_problem(seed, BATCH, D, CLASSES)
 
 
 def clean_grad(model: nn.Module, crit: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

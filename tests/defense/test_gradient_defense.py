@@ -14,26 +14,7 @@ from torch import nn
 from invdefend.defense import DefendedOptimizer, DefenseError, GradientDefense
 from invdefend.models import MLP
 from invdefend.risk import NoiseModel, invloss, predicted_psnr
-
-
-def make_problem(seed: int = 0, batch: int = 6, d: int = 12, classes: int = 3):
-    """A float64 MLP (m = 131 parameters, d = 12 inputs) and a batch with its clean mean gradient."""
-    torch.manual_seed(seed)
-    model = MLP(d, hidden=(8,), out_features=classes, activation="tanh").double()
-    x = torch.rand(batch, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    y = torch.randint(0, classes, (batch,), generator=torch.Generator().manual_seed(seed + 1))
-    return model, nn.CrossEntropyLoss(), x, y
-
-
-def flat_grad(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone()
-
-
-def set_grad(model: nn.Module, g: torch.Tensor) -> None:
-    offset = 0
-    for p in model.parameters():
-        p.grad = g[offset : offset + p.numel()].view_as(p).clone()
-        offset += p.numel()
+from tiny_problems import flat_grad, make_problem, set_grad
 
 
 def subspace(defense: GradientDefense) -> torch.Tensor:
