@@ -194,7 +194,7 @@ def _train_digits(placement: str | None, energy: float, seed: int, epochs: int) 
     if defense is not None:
         opt = defense.wrap(opt)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # fallbacks and failed risk estimates are counted below
+        warnings.simplefilter("ignore", RuntimeWarning)  # fallbacks are counted by _fallback_counter (JSON)
         for _ in range(epochs):
             perm = torch.randperm(len(xtr), generator=gen)
             for start in range(0, len(xtr), 32):
