@@ -134,12 +134,18 @@ def test_audit_writes_json_grid_and_scatter(tmp_path: Path) -> None:
         audit(model, F.cross_entropy, x, y, attacks=("gan",))
 
 
-def test_cli_audit_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    factory = tmp_path / "tinymodel_audit_cli.py"
+def _tiny_factory(tmp_path: Path, name: str) -> Path:
+    """A ``FILE.py`` whose ``make()`` builds a seeded width-4 LeNet for 8x8 digits (for the CLI's ``--model``)."""
+    factory = tmp_path / f"{name}.py"
     factory.write_text(
         "import torch\nfrom invdefend.models import LeNet\n"
         "def make():\n    torch.manual_seed(0)\n    return LeNet(in_channels=1, image_size=8, width=4)\n"
     )
+    return factory
+
+
+def test_cli_audit_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    factory = _tiny_factory(tmp_path, "tinymodel_audit_cli")
     out = tmp_path / "audit-out"
     code = main(["audit", "--model", f"{factory}:make", "--data", "digits", "-n", "1", "--attacks", "dlg,aware",
                  "--defense", "spectral", "--iterations", "10", "--out", str(out)])
@@ -209,11 +215,7 @@ def test_audit_band_pass_runs_the_aware_attack_and_records_the_floor(tmp_path: P
 
 
 def test_cli_audit_band_pass_with_floor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    factory = tmp_path / "tinymodel_audit_bp.py"
-    factory.write_text(
-        "import torch\nfrom invdefend.models import LeNet\n"
-        "def make():\n    torch.manual_seed(0)\n    return LeNet(in_channels=1, image_size=8, width=4)\n"
-    )
+    factory = _tiny_factory(tmp_path, "tinymodel_audit_bp")
     out = tmp_path / "audit-bp"
     args = ["audit", "--model", f"{factory}:make", "--data", "digits", "-n", "1", "--attacks", "dlg,aware",
             "--defense", "band_pass", "--budget", "0.075", "--iterations", "10", "--out", str(out)]
