@@ -15,12 +15,13 @@ spectrum refresh and both runs' test accuracy.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import warnings
 
 import torch
 from torch import nn
+
+from invdefend.monitor import format_refreshes
 
 
 def _classes():
@@ -117,16 +118,7 @@ def main() -> None:
     args = parser.parse_args()
 
     results = {m: _run(args, m) for m in ("monitor", "spectral")}
-    print("\nspectrum refreshes (probe samples, predicted PSNR in dB; lower = harder to reconstruct)")
-    print(f"{'step':>5} {'undefended':>11} {'defended':>9} {'noise/‖g‖²':>11}")
-    for record in results["spectral"][1]:
-        if record.refreshed and record.predicted_psnr:
-            print(f"{record.step:>5} {max(record.undefended_predicted_psnr):>11.2f} "
-                  f"{max(record.predicted_psnr):>9.2f} {record.relative_energy:>11.4f}")
-    psnr = [max(r.predicted_psnr) for r in results["spectral"][1] if r.predicted_psnr]
-    base = [max(r.undefended_predicted_psnr) for r in results["spectral"][1] if r.undefended_predicted_psnr]
-    print(f"\nmean of the probes' max predicted PSNR: undefended {statistics.mean(base):.2f} dB, "
-          f"defended {statistics.mean(psnr):.2f} dB")
+    print("\n" + format_refreshes(results["spectral"][1]))
     print(f"test accuracy: monitor (no noise) {results['monitor'][0]:.3f}, "
           f"spectral budget {args.budget} {results['spectral'][0]:.3f}")
 

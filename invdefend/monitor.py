@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ReleaseRecord", "RiskMonitor", "TAG_PREFIX", "logger"]
+__all__ = ["ReleaseRecord", "RiskMonitor", "TAG_PREFIX", "format_refreshes", "logger"]
 
 TAG_PREFIX = "invdefend"
 logger = logging.getLogger("invdefend")
@@ -66,6 +66,24 @@ class ReleaseRecord:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict."""
         return asdict(self)
+
+
+def format_refreshes(records: Iterable[ReleaseRecord]) -> str:
+    """A text table of the risk at every spectrum refresh of ``records``: the probes' largest predicted PSNR
+    undefended and defended, and the step's relative noise energy; then the mean of each over the refreshes.
+
+    Lower PSNR means harder to reconstruct. Records without a risk estimate are skipped.
+    """
+    rows = [r for r in records if r.refreshed and r.predicted_psnr and r.undefended_predicted_psnr]
+    lines = ["spectrum refreshes (probe samples, predicted PSNR in dB; lower = harder to reconstruct)",
+             f"{'step':>5} {'undefended':>11} {'defended':>9} {'noise/‖g‖²':>11}"]
+    lines += [f"{r.step:>5} {max(r.undefended_predicted_psnr):>11.2f} {max(r.predicted_psnr):>9.2f} "
+              f"{r.relative_energy:>11.4f}" for r in rows]
+    if rows:
+        base = sum(max(r.undefended_predicted_psnr) for r in rows) / len(rows)
+        defended = sum(max(r.predicted_psnr) for r in rows) / len(rows)
+        lines.append(f"mean of the probes' max predicted PSNR: undefended {base:.2f} dB, defended {defended:.2f} dB")
+    return "\n".join(lines)
 
 
 def _stats(values: list[float]) -> dict[str, float]:

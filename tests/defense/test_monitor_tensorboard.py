@@ -14,7 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 from invdefend.data import digits_split
 from invdefend.defense import EmbeddingDefense, GradientDefense
 from invdefend.models import MLP, SplitModel
-from invdefend.monitor import ReleaseRecord, RiskMonitor
+from invdefend.monitor import ReleaseRecord, RiskMonitor, format_refreshes
 
 PSNR_FLOOR = 10 * math.log10(12)  # a release that reveals nothing: InvLoss = v0 = 1/12
 
@@ -121,3 +121,19 @@ def test_embedding_risk_scalars_with_a_log_dir_monitor(tmp_path) -> None:
     assert len(psnr) == 6 and np.isfinite(psnr).all() and (psnr >= PSNR_FLOOR - 1e-6).all()
     assert ((tags[e + "risk/leakage_max"] >= 0) & (tags[e + "risk/leakage_max"] <= 1)).all()
     assert tags[e + "noise/relative_energy"].mean() == pytest.approx(0.1, rel=0.25)
+
+
+def test_format_refreshes_lists_refresh_steps_and_their_means() -> None:
+    records = [
+        ReleaseRecord("gradient", 0, "spectral", 0.05, 0.05, refreshed=True, predicted_psnr=[12.0, 14.0],
+                      undefended_predicted_psnr=[70.0, 80.0]),
+        ReleaseRecord("gradient", 1, "spectral", 0.04, 0.05),  # between refreshes: no risk, not listed
+        ReleaseRecord("gradient", 2, "spectral", 0.06, 0.05, refreshed=True, predicted_psnr=[10.0],
+                      undefended_predicted_psnr=[60.0]),
+    ]
+    lines = format_refreshes(records).splitlines()
+    assert len(lines) == 5
+    assert lines[2].split() == ["0", "80.00", "14.00", "0.0500"]
+    assert lines[3].split() == ["2", "60.00", "10.00", "0.0600"]
+    assert lines[4].endswith("undefended 70.00 dB, defended 12.00 dB")
+    assert len(format_refreshes([]).splitlines()) == 2  # the header only
