@@ -10,6 +10,7 @@ dtype), and restores every submodule's train/eval flag afterwards.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ __all__ = [
     "make_generator",
     "check_input_shape",
     "check_positive",
+    "minimize_lbfgs",
+    "projected_adam",
     "Timer",
 ]
 
@@ -289,6 +292,57 @@ def check_positive(where: str, **values: float) -> None:
     for name, v in values.items():
         if not v > 0:
             raise ValueError(f"invdefend.{where}: {name}={v} must be > 0")
+
+
+def minimize_lbfgs(
+    variables: Sequence[Tensor],
+    loss_of: Callable[[], Tensor],
+    iterations: int,
+    history: list[float],
+    *,
+    lr: float = 1.0,
+    history_size: int = 100,
+    stop_loss: float = -math.inf,
+) -> None:
+    """Minimise ``loss_of()`` over ``variables`` in place with L-BFGS (strong-Wolfe line search), in chunks of
+    20 iterations, appending every evaluated loss to ``history``. Stops after about ``iterations``
+    iterations, at a non-finite loss, at a loss ``<= stop_loss``, or once L-BFGS stops after one evaluation
+    (converged or stalled)."""
+    opt = torch.optim.LBFGS(
+        list(variables), lr=lr, max_iter=20, history_size=history_size, tolerance_grad=0.0, tolerance_change=0.0,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = loss_of()
+        loss.backward()
+        history.append(float(loss.detach()))
+        return loss
+
+    for _ in range(-(-iterations // 20)):
+        before = len(history)
+        opt.step(closure)
+        last = history[-1]
+        if not math.isfinite(last) or last <= stop_loss:
+            break
+        if len(history) - before <= 1:  # converged: L-BFGS stopped after one evaluation
+            break
+
+
+def projected_adam(x: Tensor, loss_of: Callable[[Tensor], Tensor], iterations: int, history: list[float], *,
+                   lr: float) -> None:
+    """Minimise ``loss_of(x)`` over the leaf ``x`` in place with Adam, projecting ``x`` onto ``[0, 1]`` after
+    every step; appends every loss to ``history``."""
+    adam = torch.optim.Adam([x], lr=lr)
+    for _ in range(iterations):
+        adam.zero_grad()
+        loss = loss_of(x)
+        loss.backward()
+        adam.step()
+        with torch.no_grad():
+            x.clamp_(0.0, 1.0)
+        history.append(float(loss.detach()))
 
 
 class Timer:

@@ -14,7 +14,6 @@ without ever forming an ``m × m`` matrix (:class:`NoiseCovariance`). ``F`` is t
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -33,6 +32,8 @@ from ._common import (
     check_input_shape,
     check_positive,
     make_generator,
+    minimize_lbfgs,
+    projected_adam,
     total_variation,
 )
 from .dlg import _check_labels, random_start
@@ -231,33 +232,9 @@ def _map_attack(
     x = random_start(shape, gen, dtype, init, where).requires_grad_(True)
     history: list[float] = []
     if optimizer == "lbfgs":
-        opt = torch.optim.LBFGS(
-            [x], lr=lr, max_iter=20, history_size=100, tolerance_grad=0.0, tolerance_change=0.0,
-            line_search_fn="strong_wolfe",
-        )
-
-        def closure() -> Tensor:
-            opt.zero_grad()
-            loss = objective(x)
-            loss.backward()
-            history.append(float(loss.detach()))
-            return loss
-
-        for _ in range(-(-iterations // 20)):
-            before = len(history)
-            opt.step(closure)
-            if len(history) - before <= 1 or not math.isfinite(history[-1]):
-                break
+        minimize_lbfgs([x], lambda: objective(x), iterations, history, lr=lr)
     else:
-        adam = torch.optim.Adam([x], lr=lr)
-        for _ in range(iterations):
-            adam.zero_grad()
-            loss = objective(x)
-            loss.backward()
-            adam.step()
-            with torch.no_grad():
-                x.clamp_(0.0, 1.0)
-            history.append(float(loss.detach()))
+        projected_adam(x, objective, iterations, history, lr=lr)
     return x.detach().clamp(0.0, 1.0), history
 
 

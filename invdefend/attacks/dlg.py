@@ -7,7 +7,6 @@ shared one: ``min_x ||g(x) - g̃||² / ||g̃||²``. The objective is normalised 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +23,7 @@ from ._common import (
     check_input_shape,
     check_positive,
     make_generator,
+    minimize_lbfgs,
     total_variation,
 )
 
@@ -110,37 +110,18 @@ def dlg(
         else:
             labels = _check_labels(labels, shape[0], where)
 
-        opt = torch.optim.LBFGS(
-            variables,
-            lr=lr,
-            max_iter=20,
-            history_size=history_size,
-            tolerance_grad=0.0,
-            tolerance_change=0.0,
-            line_search_fn="strong_wolfe",
-        )
         history: list[float] = []
 
-        def closure() -> Tensor:
-            opt.zero_grad()
+        def matching_loss() -> Tensor:
             y = labels if soft is None else soft.softmax(dim=-1)
             g = fm.gradient(x, y, loss_fn, create_graph=True)
             loss = (g - target).pow(2).sum() / norm2
             if tv_weight > 0:
                 loss = loss + tv_weight * total_variation(x)
-            loss.backward()
-            history.append(float(loss.detach()))
             return loss
 
-        chunks = -(-iterations // 20)
-        for _ in range(chunks):
-            before = len(history)
-            opt.step(closure)
-            last = history[-1]
-            if not math.isfinite(last) or last <= stop_loss:
-                break
-            if len(history) - before <= 1:  # converged: L-BFGS stopped after one evaluation
-                break
+        minimize_lbfgs(variables, matching_loss, iterations, history, lr=lr, history_size=history_size,
+                       stop_loss=stop_loss)
         rec = x.detach()
         if clamp_output:
             rec = rec.clamp(0.0, 1.0)

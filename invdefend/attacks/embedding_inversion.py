@@ -19,7 +19,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ._common import AttackResult, FunctionalModel, Mode, Timer, check_input_shape, check_positive, make_generator
+from ._common import (
+    AttackResult, FunctionalModel, Mode, Timer, check_input_shape, check_positive, make_generator, projected_adam,
+)
 from ._common import total_variation
 from .dlg import random_start
 
@@ -131,15 +133,7 @@ def invert_embedding(
             rec = torch.sigmoid(z).detach()
         else:
             x = start.clone().requires_grad_(True)
-            adam = torch.optim.Adam([x], lr=lr)
-            for _ in range(iterations):
-                adam.zero_grad()
-                loss = objective(x)
-                loss.backward()
-                adam.step()
-                with torch.no_grad():
-                    x.clamp_(0.0, 1.0)
-                history.append(float(loss.detach()))
+            projected_adam(x, objective, iterations, history, lr=lr)
             rec = x.detach()
     return AttackResult(rec, None, history, "invert_embedding", timer.seconds)
 
