@@ -17,9 +17,22 @@ from torch import nn
 from ..invre import InvRE, format_comparison
 from ..risk import DEFAULT_RHO
 
-__all__ = ["add_parser", "run", "load_callable", "load_data"]
+__all__ = ["add_parser", "run", "load_callable", "load_data", "add_model_and_data_arguments"]
 
 SHIPPED = ("digits", "sample-images")
+
+
+def add_model_and_data_arguments(p: argparse.ArgumentParser, *, samples: int, verb: str) -> None:
+    """The arguments every command that loads a model and data shares (read by :func:`load_callable` and
+    :func:`load_data`): ``--model``, ``--checkpoint``, ``--data``, ``--x-key``, ``--y-key``, ``-n``."""
+    p.add_argument("--model", required=True,
+                   help="MODULE:CALLABLE or path/to/file.py:CALLABLE returning an nn.Module (called with no arguments)")
+    p.add_argument("--checkpoint", help="a state_dict saved with torch.save, loaded into the model")
+    p.add_argument("--data", required=True,
+                   help=f"an .npz file (arrays named by --x-key/--y-key) or a shipped dataset: {', '.join(SHIPPED)}")
+    p.add_argument("--x-key", default="x", help="input array name in the .npz (default: x)")
+    p.add_argument("--y-key", default="y", help="label array name in the .npz (default: y)")
+    p.add_argument("-n", "--num-samples", type=int, default=samples, help=f"samples to {verb} (default: {samples})")
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -32,14 +45,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
             "a cut-layer embedding) with InvRE; print a table and write a JSON report."
         ),
     )
-    p.add_argument("--model", required=True,
-                   help="MODULE:CALLABLE or path/to/file.py:CALLABLE returning an nn.Module (called with no arguments)")
-    p.add_argument("--checkpoint", help="a state_dict saved with torch.save, loaded into the model")
-    p.add_argument("--data", required=True,
-                   help=f"an .npz file (arrays named by --x-key/--y-key) or a shipped dataset: {', '.join(SHIPPED)}")
-    p.add_argument("--x-key", default="x", help="input array name in the .npz (default: x)")
-    p.add_argument("--y-key", default="y", help="label array name in the .npz (default: y)")
-    p.add_argument("-n", "--num-samples", type=int, default=16, help="samples to assess (default: 16)")
+    add_model_and_data_arguments(p, samples=16, verb="assess")
     p.add_argument("--target", choices=("gradient", "embedding"), default="gradient",
                    help="what is shared: per-sample gradient (default) or the model's output as an embedding")
     p.add_argument("-k", type=int, default=16, help="singular values estimated per sample (default: 16)")

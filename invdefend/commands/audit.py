@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .assess import SHIPPED, load_callable, load_data
+from .assess import add_model_and_data_arguments, load_callable, load_data
 
 __all__ = ["add_parser", "run"]
 
@@ -29,14 +29,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
             "predicted PSNR vs the strongest attack's PSNR) into --out."
         ),
     )
-    p.add_argument("--model", required=True,
-                   help="MODULE:CALLABLE or path/to/file.py:CALLABLE returning an nn.Module (called with no arguments)")
-    p.add_argument("--checkpoint", help="a state_dict saved with torch.save, loaded into the model")
-    p.add_argument("--data", required=True,
-                   help=f"an .npz file (arrays named by --x-key/--y-key) or a shipped dataset: {', '.join(SHIPPED)}")
-    p.add_argument("--x-key", default="x")
-    p.add_argument("--y-key", default="y")
-    p.add_argument("-n", "--num-samples", type=int, default=4, help="samples to attack (default: 4)")
+    add_model_and_data_arguments(p, samples=4, verb="attack")
     p.add_argument("--attacks", default="dlg,ig,aware",
                    help=f"comma-separated, from {','.join(ATTACKS)} (aware runs only under a noisy defense)")
     p.add_argument("--defense", choices=DEFENSES, default="spectral",
