@@ -31,7 +31,6 @@ whether the spectrum ranks the samples once the attacker's precision is known.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import statistics
@@ -99,7 +98,7 @@ def predictions(spectrum: Spectrum, rho: float) -> list[float]:
 
 def achieved_precision(model: nn.Module, rec: Tensor, y: Tensor, g: Tensor) -> float:
     """``‖g(x̂) − g‖ / ‖g‖``: how precisely the reconstruction ``x̂`` matches the shared gradient (float64)."""
-    g_hat = model_gradient(copy.deepcopy(model).double(), rec.double(), y, F.cross_entropy)
+    g_hat = model_gradient(model, rec, y, F.cross_entropy, dtype=torch.float64)
     return float((g_hat - g.double()).norm() / g.double().norm().clamp_min(1e-300))
 
 
