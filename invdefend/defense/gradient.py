@@ -59,10 +59,11 @@ noise by request) a failed estimate is recorded and warned about, and no noise i
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -354,34 +355,43 @@ class GradientDefense:
             )
         return self._inputs, self._targets
 
-    def _estimate(self, inputs: Tensor, targets: Tensor) -> Spectrum:
-        """The probes' top-k spectrum, warm-started; raises if it cannot be trusted."""
+    @contextlib.contextmanager
+    def _probe_operator(self, inputs: Tensor, targets: Tensor) -> Iterator[Any]:
+        """The per-sample gradient Jacobian of ``probes`` samples of the batch, drawn by the probe generator.
+
+        Inside the block gradients are enabled and the capture hooks ignore the forwards the operator's
+        products run (they are not the user's batch).
+        """
         n = int(inputs.shape[0])
         idx = torch.randperm(n, generator=self._probe_gen)[: min(self.probes, n)]
         self._busy = True
         try:
             with torch.enable_grad():
-                op = gradient_jacobian(self.model, self.loss_fn, inputs[idx], targets[idx], mode=self.mode)
-                if self.k >= min(op.in_dim, op.out_dim):
-                    # k covers the whole rank: min(d, m) products give the exact, complete spectrum.
-                    spec = replace(exact_spectrum(op), extra={"start": "exact"})
-                    warm = False
-                else:
-                    init, warm = self._warm_start(op)
-                    spec = topk_spectrum(
-                        op, self.k, oversample=self.oversample,
-                        max_sweeps=self.sweeps if warm else self.cold_sweeps, init=init, generator=self._probe_gen,
-                    )
-                    spec.extra["start"] = "warm" if warm else "cold"
-                if warm and spec.is_finite() and estimator_error(spec) > self.max_residual:
-                    # Tracking lost (the spectrum moved): keep iterating from where the warm sweeps got.
-                    more = topk_spectrum(
-                        op, self.k, oversample=self.oversample, max_sweeps=self.cold_sweeps, tol=self.max_residual,
-                        init=spec, generator=self._probe_gen,
-                    )
-                    spec = replace(more, sweeps=spec.sweeps + more.sweeps, extra={**more.extra, "start": "warm+extended"})
+                yield gradient_jacobian(self.model, self.loss_fn, inputs[idx], targets[idx], mode=self.mode)
         finally:
             self._busy = False
+
+    def _estimate(self, inputs: Tensor, targets: Tensor) -> Spectrum:
+        """The probes' top-k spectrum, warm-started; raises if it cannot be trusted."""
+        with self._probe_operator(inputs, targets) as op:
+            if self.k >= min(op.in_dim, op.out_dim):
+                # k covers the whole rank: min(d, m) products give the exact, complete spectrum.
+                spec = replace(exact_spectrum(op), extra={"start": "exact"})
+                warm = False
+            else:
+                init, warm = self._warm_start(op)
+                spec = topk_spectrum(
+                    op, self.k, oversample=self.oversample,
+                    max_sweeps=self.sweeps if warm else self.cold_sweeps, init=init, generator=self._probe_gen,
+                )
+                spec.extra["start"] = "warm" if warm else "cold"
+            if warm and spec.is_finite() and estimator_error(spec) > self.max_residual:
+                # Tracking lost (the spectrum moved): keep iterating from where the warm sweeps got.
+                more = topk_spectrum(
+                    op, self.k, oversample=self.oversample, max_sweeps=self.cold_sweeps, tol=self.max_residual,
+                    init=spec, generator=self._probe_gen,
+                )
+                spec = replace(more, sweeps=spec.sweeps + more.sweeps, extra={**more.extra, "start": "warm+extended"})
         if self.estimate_hook is not None:
             self.estimate_hook()
         if not spec.is_finite():
@@ -592,22 +602,15 @@ class GradientDefense:
         """Write this step's band-pass noise, of energy exactly ``budget·grad_energy``, into ``buf``; returns
         the ``μ`` of each probe. Raises (``buf`` then holds nothing to release) if the draw fails, is
         NaN/Inf, or is zero."""
-        n = int(inputs.shape[0])
-        idx = torch.randperm(n, generator=self._probe_gen)[: min(self.probes, n)]
-        self._busy = True  # the operator's forwards are not the user's batch: the capture hooks skip them
-        try:
-            with torch.enable_grad():
-                op = gradient_jacobian(self.model, self.loss_fn, inputs[idx], targets[idx], mode=self.mode)
-                if op.out_dim != buf.numel():
-                    raise RuntimeError(
-                        f"the Jacobian has {op.out_dim} rows but the trainable gradients {buf.numel()} entries"
-                    )
-                delta, mu = band_pass_noise(
-                    op, None, 1.0, self.noise, steps=self.band_pass_steps, mu_quantile=self.band_pass_quantile,
-                    return_mu=True,
+        with self._probe_operator(inputs, targets) as op:
+            if op.out_dim != buf.numel():
+                raise RuntimeError(
+                    f"the Jacobian has {op.out_dim} rows but the trainable gradients {buf.numel()} entries"
                 )
-        finally:
-            self._busy = False
+            delta, mu = band_pass_noise(
+                op, None, 1.0, self.noise, steps=self.band_pass_steps, mu_quantile=self.band_pass_quantile,
+                return_mu=True,
+            )
         total = delta.detach().double().sum(dim=0)
         norm = float(total.norm())
         if not math.isfinite(norm):
