@@ -329,38 +329,29 @@ def _band_pass_law(
 ) -> tuple[float, Any]:
     """InvRE's predicted PSNR and the attacker's :class:`~invdefend.attacks.NoiseCovariance` of a band-pass
     release of one sample, from the exact SVD of its gradient Jacobian (see :func:`released_gradient`)."""
+    from dataclasses import replace
+
     from .attacks import NoiseCovariance
     from .jacobian import gradient_jacobian
+    from .mechanisms import placement_variances
     from .risk import DEFAULT_RHO, NoiseModel, invloss, predicted_psnr
-    from .spectral import Spectrum
+    from .spectral import exact_spectrum
 
     with torch.enable_grad():
         op = gradient_jacobian(model, loss_fn, x[:1], y[:1])
-        J = op.dense()[0].detach().double()  # (m, d)
-    m, d = J.shape
-    U, S, Vh = torch.linalg.svd(J, full_matrices=False)
+        # The complete spectrum in float64; τ_ref from the released sample's own gradient norm.
+        spectrum = replace(exact_spectrum(op, dtype=torch.float64),
+                           signal_norm=torch.tensor([math.sqrt(energy)], dtype=torch.float64))
+    S, U, m = spectrum.singular_values[0], spectrum.left_vectors[0], spectrum.out_dim
     keep = S > 1e-10 * S[0] if S.numel() and S[0] > 0 else torch.zeros_like(S, dtype=torch.bool)
     r = int(keep.sum())
     if r == 0:
         raise RuntimeError("invdefend.audit: the sample's gradient Jacobian is zero; nothing to audit as band_pass")
-    s2 = S[:r] ** 2
-    shape = s2 / (s2 + mu) ** 2
-    tau = shape * (budget * energy / float(shape.sum()))  # Σ τ_i = budget·‖g‖²: the draw is rescaled to it
+    # Σ τ_i = budget·‖g‖²: the draw is rescaled to it; dropped directions carry no band-pass noise.
+    shaped = placement_variances(torch.where(keep, S, torch.zeros_like(S)).unsqueeze(0), budget * energy,
+                                 "band_pass", mu=mu)
     iso = floor * energy / m
-    cov = NoiseCovariance(sigma2_iso=iso, basis=U[:, :r].contiguous(), tau=tau)
-    n = S.numel()  # min(m, d): the complete spectrum, dropped directions carrying no band-pass noise
-    spectrum = Spectrum(
-        singular_values=S.unsqueeze(0),
-        right_vectors=Vh.transpose(0, 1).unsqueeze(0),
-        left_vectors=U.unsqueeze(0),
-        in_dim=d,
-        out_dim=m,
-        signal_norm=torch.tensor([math.sqrt(energy)], dtype=torch.float64),
-        method="exact",
-        complete=True,
-    )
-    shaped = torch.zeros(1, n, dtype=torch.float64)
-    shaped[0, :r] = tau
+    cov = NoiseCovariance(sigma2_iso=iso, basis=U[:, :r].contiguous(), tau=shaped[0, :r])
     il = invloss(spectrum, NoiseModel(isotropic=iso, shaped=shaped, rho=DEFAULT_RHO))
     return float(predicted_psnr(il)[0]), cov
 

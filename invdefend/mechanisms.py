@@ -335,6 +335,7 @@ def placement_variances(
     *,
     fraction: float = 0.25,
     percentile: float = 25.0,
+    mu: Tensor | float | None = None,
 ) -> Tensor:
     """Per-direction noise variances ``τ_i`` (along the left singular vectors ``u_i``) of a spectral placement.
 
@@ -343,7 +344,8 @@ def placement_variances(
 
     * ``"weak25"`` (``fraction``): equal variance on the weakest ``fraction`` of the non-zero directions;
     * ``"band_pass"`` (``percentile``): ``τ_i ∝ s_i²/(s_i² + μ)²`` with ``μ`` the ``percentile``-th percentile
-      of the non-zero ``s_i²`` — the law of :func:`band_pass_noise` along ``u_i``.
+      of the non-zero ``s_i²`` — the law of :func:`band_pass_noise` along ``u_i``; or the given ``mu`` (a
+      scalar or one per row), e.g. the one a :class:`~invdefend.defense.GradientDefense` draw used.
     """
     if singular_values.dim() != 2:
         raise ValueError(
@@ -371,8 +373,11 @@ def placement_variances(
         shape = ((rank < n_weak) & valid).to(s.dtype)
     elif placement == "band_pass":
         s2 = s.pow(2)
-        mu = torch.stack([torch.quantile(s2[b][valid[b]].double(), percentile / 100.0) for b in range(B)]).to(s.dtype)
-        shape = torch.where(valid, s2 / (s2 + mu.unsqueeze(1)).pow(2), torch.zeros_like(s))
+        if mu is None:
+            mu_b = torch.stack([torch.quantile(s2[b][valid[b]].double(), percentile / 100.0) for b in range(B)])
+        else:
+            mu_b = torch.as_tensor(mu, dtype=torch.float64, device=s.device).reshape(-1).expand(B)
+        shape = torch.where(valid, s2 / (s2 + mu_b.to(s.dtype).unsqueeze(1)).pow(2), torch.zeros_like(s))
     else:
         raise ValueError(
             f"invdefend.mechanisms.placement_variances: placement={placement!r}; choose 'weak25' or 'band_pass'"

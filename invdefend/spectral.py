@@ -128,9 +128,16 @@ def _generator_for(device: torch.device, generator: torch.Generator | None) -> t
     return torch.Generator(device=device).manual_seed(0)
 
 
-def exact_spectrum(op: JacobianOperator, k: int | None = None, *, chunk: int = 256) -> Spectrum:
-    """Materialise ``J`` for every sample and take its SVD. Keeps the top ``k`` triplets (all if None)."""
+def exact_spectrum(
+    op: JacobianOperator, k: int | None = None, *, chunk: int = 256, dtype: torch.dtype | None = None
+) -> Spectrum:
+    """Materialise ``J`` for every sample and take its SVD. Keeps the top ``k`` triplets (all if None).
+
+    ``dtype`` (e.g. ``torch.float64``): cast ``J`` before the SVD; default the operator's dtype.
+    """
     J = op.dense(chunk=chunk)
+    if dtype is not None:
+        J = J.to(dtype)
     U, S, Vh = torch.linalg.svd(J, full_matrices=False)
     r = S.shape[-1] if k is None else min(k, S.shape[-1])
     return Spectrum(
