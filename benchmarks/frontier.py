@@ -63,6 +63,7 @@ from invdefend.mechanisms import placement_variances, water_filling
 from invdefend.metrics import psnr
 from invdefend.models import LeNet, uniform_init_
 from invdefend.risk import DEFAULT_RHO
+from invdefend.spectral import exact_spectrum
 
 PLACEMENTS = ("isotropic", "band_pass", "hybrid50", "hybrid25")  # the default sweep
 CHOICES = PLACEMENTS + ("weak25", "topk_wf")
@@ -77,8 +78,8 @@ def _svd(net: torch.nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Te
     """``(g, U, s)``: the flat gradient and the left singular vectors/values of range(J) (rank-trimmed)."""
     op = gradient_jacobian(net, F.cross_entropy, x, y)
     g = op.values()[0].double()
-    J = op.dense()[0].double()
-    U, s, _ = torch.linalg.svd(J, full_matrices=False)
+    spec = exact_spectrum(op, dtype=torch.float64)
+    U, s = spec.left_vectors[0], spec.singular_values[0]
     keep = s > s[0] * 1e-10
     return g, U[:, keep], s[keep]
 
@@ -223,8 +224,8 @@ def _batch_noise(net, xb: Tensor, yb: Tensor, flat: Tensor, placement: str, ener
     target = energy * float(flat.double().pow(2).sum())
     probe = torch.randperm(len(xb), generator=gen)[:PROBES]  # as GradientDefense: a few probe samples
     op = gradient_jacobian(net, F.cross_entropy, xb[probe], yb[probe])
-    J = op.dense().double()
-    U, s, _ = torch.linalg.svd(J, full_matrices=False)  # (B, m, d), (B, d)
+    spec = exact_spectrum(op, dtype=torch.float64)
+    U, s = spec.left_vectors, spec.singular_values  # (B, m, d), (B, d)
     s = torch.where(s > s[:, :1] * 1e-10, s, torch.zeros_like(s))
     tau = placement_variances(s, torch.ones(s.shape[0], dtype=s.dtype), placement)
     w = torch.randn(tau.shape, generator=gen, dtype=torch.float64) * tau.sqrt()
