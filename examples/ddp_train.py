@@ -22,18 +22,7 @@ import time
 import torch
 from torch import nn
 
-
-class DigitsCNN(nn.Module):
-    """conv(1→8) → ReLU → 2x2 max-pool → linear(128→10) for 8x8 digits."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
-        self.classifier = nn.Linear(8 * 4 * 4, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for ``(B, 1, 8, 8)`` images."""
-        return self.classifier(self.features(x).flatten(1))
+from invdefend.models import SmallCNN
 
 
 def _free_port() -> int:
@@ -55,7 +44,7 @@ def _train(rank: int, world: int, args: argparse.Namespace, defended: bool) -> t
     x_all, y_all, x_test, y_test = digits_split(seed=0)
     x, y = x_all[rank::world], y_all[rank::world]  # this rank's shard
     torch.manual_seed(0)
-    model = DigitsCNN()
+    model = SmallCNN()
     criterion = nn.CrossEntropyLoss()
     if defended:
         def report(record) -> None:

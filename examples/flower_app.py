@@ -29,20 +29,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # show every client's log line, no
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from invdefend.models import SmallCNN  # noqa: E402
+
 NUM_CLIENTS = 3
-
-
-class DigitsCNN(nn.Module):
-    """A small CNN for 8x8 digits: conv(1→8) → ReLU → 2x2 max-pool → linear(128→10); 1,370 parameters."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
-        self.classifier = nn.Linear(8 * 4 * 4, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for ``(B, 1, 8, 8)`` images in [0, 1]."""
-        return self.classifier(self.features(x).flatten(1))
 
 
 def partition(pid: int, num_partitions: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +61,7 @@ def make_client_app(args: argparse.Namespace):  # -> flwr.clientapp.ClientApp
         pid, n = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
         server_round = int(msg.content["config"]["server-round"])
         x, y = partition(pid, n)
-        model = DigitsCNN()
+        model = SmallCNN()
         model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         criterion = nn.CrossEntropyLoss()
         noise = {"secure_rng": True} if args.secure_rng else {"seed": 1000 * server_round + pid}
@@ -110,7 +99,7 @@ def make_server_app(args: argparse.Namespace, aggregation, results: dict):  # ->
     app = ServerApp()
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model = DigitsCNN()
+        model = SmallCNN()
         model.load_state_dict(arrays.to_torch_state_dict())
         with torch.no_grad():
             accuracy = float((model(x_test).argmax(1) == y_test).float().mean())
@@ -122,7 +111,7 @@ def make_server_app(args: argparse.Namespace, aggregation, results: dict):  # ->
         torch.manual_seed(0)
         strategy = FedAvg(fraction_evaluate=0.0, min_train_nodes=NUM_CLIENTS, min_available_nodes=NUM_CLIENTS,
                           train_metrics_aggr_fn=aggregation)
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(DigitsCNN().state_dict()), num_rounds=args.rounds,
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(SmallCNN().state_dict()), num_rounds=args.rounds,
                        evaluate_fn=evaluate)
 
     return app
