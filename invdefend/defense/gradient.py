@@ -548,18 +548,17 @@ class GradientDefense:
                         RuntimeWarning,
                         stacklevel=2,
                     )
-            if plan is not None:
-                check_batch("GradientDefense", inputs)  # used at every step here: refuse an unusable batch
-                buf, views = self._buffer(params)
-                t0 = time.perf_counter()
-                try:
-                    extra["band_pass_mu"] = self._band_pass_into(buf, inputs, targets, grad_energy)
-                except Exception as exc:  # fail closed for this step, whatever went wrong
-                    reason = f"band-pass noise draw: {type(exc).__name__}: {exc}"
-                    plan = None
-                else:
-                    band_pass_done = True
-                extra["band_pass_seconds"] = time.perf_counter() - t0
+            check_batch("GradientDefense", inputs)  # used at every step here: refuse an unusable batch
+            buf, views = self._buffer(params)
+            t0 = time.perf_counter()
+            try:
+                extra["band_pass_mu"] = self._band_pass_into(buf, inputs, targets, grad_energy)
+            except Exception as exc:  # fail closed for this step, whatever went wrong
+                reason = f"band-pass noise draw: {type(exc).__name__}: {exc}"
+                plan = None
+            else:
+                band_pass_done = True
+            extra["band_pass_seconds"] = time.perf_counter() - t0
         fallback = plan is None and self.mechanism != "monitor"
         rel = 0.0
         if fallback:
