@@ -12,8 +12,8 @@ sigmoid and ReLU, two widths, at initialisation and after a few epochs of traini
   gradient; the strongest one (highest PSNR, capped at ``--cap-db``) is the sample's attacked PSNR.
 
 The samples of every setting are split, stratified by setting, into a calibration part and a disjoint
-held-out part (:func:`invdefend.audit.calibration_split`). ``ρ`` is chosen on the calibration part only
-(:func:`invdefend.audit.calibrate_rho`), printed, frozen, and only then is the held-out Spearman
+held-out part (:func:`invdefend.fidelity.calibration_split`). ``ρ`` is chosen on the calibration part only
+(:func:`invdefend.fidelity.calibrate_rho`), printed, frozen, and only then is the held-out Spearman
 correlation computed. Prints a per-setting table, then one JSON line with ``spearman``, ``n_samples``
 (held-out), ``n_calibration``, ``rho``, ``pearson``, ``settings``, ``seconds``.
 
@@ -42,13 +42,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from invdefend.attacks import NoiseCovariance, defense_aware_gradient_attack, dlg, inverting_gradients, model_gradient
-from invdefend.audit import RHO_GRID, calibrate_rho, calibration_split, pearson, spearman
 from invdefend.data import digits_split
+from invdefend.fidelity import RHO_GRID, calibrate_rho, calibration_split
 from invdefend.invre import estimate_gradient_spectrum
 from invdefend.metrics import psnr
 from invdefend.models import LeNet
 from invdefend.risk import NoiseModel, invloss, predicted_psnr
 from invdefend.spectral import Spectrum
+from invdefend.stats import pearson, spearman
 
 
 @dataclass(frozen=True)

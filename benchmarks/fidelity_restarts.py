@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fidelity import SETTINGS, build_model
 from invdefend.attacks import model_gradient
-from invdefend.attacks._common import FunctionalModel
+from invdefend.attacks import FunctionalModel
 from invdefend.data import digits_split
 from invdefend.invre import estimate_gradient_spectrum
 from invdefend.metrics import psnr

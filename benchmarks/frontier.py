@@ -17,7 +17,7 @@ Placements (``J = U diag(s) Vᵀ`` is the per-sample gradient Jacobian ∂g/∂x
 * ``isotropic``: ``δ ~ N(0, σ² I_m)``, ``mσ² = E‖g‖²``;
 * ``weak25``: isotropic inside the span of the left singular vectors of the weakest quarter of range(J);
 * ``band_pass``: variance ``∝ s_i²/(s_i² + μ)²`` along ``u_i`` (the law of ``J (JᵀJ + μ)⁻¹ w``, what
-  :func:`invdefend.mechanisms.band_pass_noise` draws without an SVD), ``μ`` = 25th percentile of ``s²``;
+  :func:`invdefend.placements.band_pass.band_pass_noise` draws without an SVD), ``μ`` = 25th percentile of ``s²``;
 * ``hybrid50`` / ``hybrid25``: 50 % / 25 % of the energy isotropic, the rest band-pass;
 * ``topk_wf``: ``GradientDefense(mechanism="spectral")``, water-filling on the top-16 directions.
 
@@ -59,7 +59,7 @@ from invdefend.attacks import NoiseCovariance, defense_aware_gradient_attack, dl
 from invdefend.defense import GradientDefense
 from invdefend.data import digits_split, natural_image_patches
 from invdefend.jacobian import gradient_jacobian
-from invdefend.mechanisms import placement_variances, water_filling
+from invdefend.allocation import placement_variances, water_filling
 from invdefend.metrics import psnr
 from invdefend.models import LeNet, uniform_init_
 from invdefend.risk import DEFAULT_RHO
@@ -190,7 +190,7 @@ def _train_digits(placement: str | None, energy: float, seed: int, epochs: int) 
     params = [p for p in net.parameters() if p.requires_grad]
     defense = None if placement is None else defense_for(placement, energy, net, seed)
     if defense is not None:
-        defense.monitor.callbacks.append(_fallback_counter(placement))
+        defense.monitor.subscribe(_fallback_counter(placement))
     criterion = defense.loss_fn if defense is not None else nn.CrossEntropyLoss()
     if defense is not None:
         opt = defense.wrap(opt)

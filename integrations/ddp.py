@@ -45,7 +45,7 @@ from torch import Tensor
 
 from invdefend.defense import DefendedOptimizer, DefenseError, GradientDefense
 from invdefend.jacobian import trainable_parameters
-from invdefend.mechanisms import SeededNoise
+from invdefend.noise import SeededNoise
 from invdefend.monitor import ReleaseRecord
 
 if TYPE_CHECKING:  # pragma: no cover - typing only

@@ -67,7 +67,7 @@ import numpy as np
 import torch
 
 from invdefend.defense import DefendedOptimizer, EmbeddingDefense, GradientDefense
-from invdefend.mechanisms import NoiseSource, make_noise_source
+from invdefend.noise import NoiseSource, make_noise_source
 from invdefend.monitor import ReleaseRecord, RiskMonitor
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -269,9 +269,8 @@ def record_releases(context: "Context", *defenses: GradientDefense | EmbeddingDe
                 "invdefend.integrations.flower.record_releases: expected GradientDefense or EmbeddingDefense, "
                 f"got {type(defense).__name__}"
             )
-        callbacks = defense.monitor.callbacks
-        callbacks.append(ledger.on_release)
-        undo.append(lambda cbs=callbacks: cbs.remove(ledger.on_release))
+        defense.monitor.subscribe(ledger.on_release)
+        undo.append(lambda monitor=defense.monitor: monitor.unsubscribe(ledger.on_release))
         if isinstance(defense, EmbeddingDefense):
             if not defense.attached:
                 defense.attach()

@@ -42,11 +42,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from invdefend.defense.common import DefenseError
+from invdefend import DefenseError
 from invdefend.defense.gradient import GradientDefense
-from invdefend.monitor import ReleaseRecord
-
-from .lightning import record_scalars  # framework-free helper shared by the callbacks
+from invdefend.monitor import ReleaseRecord, record_scalars
 
 __all__ = ["GradientDefenseCallback", "KeywordForward"]
 

@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
-from invdefend.defense.common import DefenseError
+from invdefend import DefenseError
 from invdefend.defense.gradient import DefendedOptimizer, GradientDefense
-from invdefend.monitor import ReleaseRecord
+from invdefend.monitor import ReleaseRecord, record_scalars  # record_scalars re-exported for compatibility
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import lightning.pytorch as pl
@@ -59,26 +59,6 @@ def default_batch_to_xy(batch: Any) -> tuple[Tensor, Tensor]:
         f"invdefend.integrations.lightning: cannot split a batch of type {type(batch).__name__} into "
         "(inputs, targets); pass batch_to_xy=lambda batch: (inputs, targets) to GradientDefenseCallback"
     )
-
-
-def record_scalars(record: ReleaseRecord, tag: Callable[[str, str], str]) -> dict[str, float]:
-    """The scalars of one release record worth logging every step, keyed by full tag.
-
-    Risk statistics appear only on steps that re-estimated the spectrum (``record.refreshed``).
-    """
-    kind = record.kind
-    out = {
-        tag(kind, "noise/relative_energy"): float(record.relative_energy),
-        tag(kind, "fallback"): float(record.fallback),
-    }
-    for name, values in (("predicted_psnr", record.predicted_psnr),
-                         ("undefended_predicted_psnr", record.undefended_predicted_psnr),
-                         ("leakage", record.leakage)):
-        finite = [v for v in values if v == v and abs(v) != float("inf")]
-        if finite:
-            out[tag(kind, f"risk/{name}_max")] = max(finite)
-            out[tag(kind, f"risk/{name}_mean")] = sum(finite) / len(finite)
-    return out
 
 
 def _require_lightning() -> Any:

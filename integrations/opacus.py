@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from invdefend.defense.common import DefenseError
+from invdefend import DefenseError
 from invdefend.defense.gradient import GradientDefense
 from invdefend.monitor import ReleaseRecord
 from invdefend.risk import invloss_from_values, predicted_psnr
@@ -174,7 +174,7 @@ class OpacusDefense:
         self._handles = [inner.register_forward_pre_hook(self._capture_inputs)]
         if isinstance(criterion, nn.Module):
             self._handles.append(criterion.register_forward_pre_hook(self._capture_targets))
-        self.defense.monitor.callbacks.insert(0, self._annotate)
+        self.defense.monitor.subscribe(self._annotate, first=True)  # annotates the record before others see it
         self.original_hook = optimizer.step_hook
         optimizer.attach_step_hook(self._step_hook)
 
@@ -335,4 +335,4 @@ class OpacusDefense:
             h.remove()
         self._handles.clear()
         if self._annotate in self.defense.monitor.callbacks:
-            self.defense.monitor.callbacks.remove(self._annotate)
+            self.defense.monitor.unsubscribe(self._annotate)

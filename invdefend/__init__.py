@@ -6,19 +6,23 @@ Three pieces, each usable alone:
   (per-sample gradient, cut-layer embedding) with respect to its input, and their spectra;
 * :mod:`invdefend.risk` and :mod:`invdefend.invre` — InvLoss (the best achievable reconstruction error) and
   the InvRE risk estimator;
-* :mod:`invdefend.mechanisms` — spectrally shaped noise allocations and noise sources.
+* :mod:`invdefend.placements` — where the noise goes (one registered class per placement), on top of
+  :mod:`invdefend.allocation` (water-filling), :mod:`invdefend.noise` (noise sources) and
+  :mod:`invdefend.noise_law` (the public law of a release's noise, which attackers and InvRE read).
 
-The training-loop defenses (:mod:`invdefend.defense`) compose them.
+The training-loop defenses (:mod:`invdefend.defense`) are short pipelines over them; ``docs/architecture.md``
+draws the house.
 """
 
 from ._version import __version__
-from .defense import DefendedOptimizer, DefenseError, EmbeddingDefense, GradientDefense
+from .allocation import water_filling, water_filling_for_target
+from .defense import DefendedOptimizer, DefenseError, DefenseSettings, EmbeddingDefense, GradientDefense
 from .invre import InvRE, RiskReport, estimate_embedding_spectrum, estimate_gradient_spectrum, format_comparison
 from .jacobian import JacobianOperator, embedding_jacobian, gradient_jacobian
-from .mechanisms import water_filling, water_filling_for_target
+from .noise_law import BandPassLaw, NoiseCovariance
 from .monitor import ReleaseRecord, RiskMonitor
 from .risk import DEFAULT_RHO, NoiseModel, RiskEstimate, invloss, leakage, predicted_psnr
-from .spectral import Spectrum, exact_spectrum, tail_quadrature, topk_spectrum
+from .spectral import Spectrum, estimate_spectrum, exact_spectrum, tail_quadrature, topk_spectrum
 
 __all__ = [
     "__version__",
@@ -33,6 +37,7 @@ __all__ = [
     "Spectrum",
     "exact_spectrum",
     "topk_spectrum",
+    "estimate_spectrum",
     "tail_quadrature",
     "NoiseModel",
     "RiskEstimate",
@@ -44,6 +49,9 @@ __all__ = [
     "water_filling_for_target",
     "GradientDefense",
     "DefendedOptimizer",
+    "DefenseSettings",
+    "NoiseCovariance",
+    "BandPassLaw",
     "EmbeddingDefense",
     "DefenseError",
     "RiskMonitor",

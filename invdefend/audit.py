@@ -8,23 +8,33 @@ SSIM, and the strongest attack. :func:`save_audit` writes ``audit.json``, ``grid
 reconstructions) and ``scatter.png`` (predicted vs attacked PSNR). :func:`quick_audit` is the short
 version the demo calls.
 
-The fidelity study's statistics live here too: :func:`spearman`, :func:`pearson`, the stratified
-:func:`calibration_split` and :func:`calibrate_rho` (choose the attacker precision ``ρ`` on calibration
-samples only).
+The rank statistics are in :mod:`invdefend.stats` (:func:`spearman` and :func:`pearson` are re-exported
+here for compatibility); the fidelity study's calibration helpers are in :mod:`invdefend.fidelity`.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from . import attacks
+from .attacks import model_gradient
+from .defense import GradientDefense
+from .jacobian import gradient_jacobian
+from .metrics import psnr, ssim
+from .noise_law import BandPassLaw, NoiseCovariance
+from .risk import DEFAULT_RHO, NoiseModel, invloss, predicted_psnr
+from .spectral import exact_spectrum
+from .stats import pearson, spearman  # re-exported for compatibility; they live in invdefend.stats
 
 __all__ = [
     "ATTACKS",
@@ -40,117 +50,12 @@ __all__ = [
     "plot_scatter",
     "spearman",
     "pearson",
-    "calibration_split",
-    "calibrate_rho",
-    "RHO_GRID",
 ]
 
 #: Attacks :func:`audit` knows, by the name ``--attacks`` uses.
 ATTACKS: tuple[str, ...] = ("dlg", "ig", "idlg", "aware")
 #: Defenses :func:`audit` can put on the release.
 DEFENSES: tuple[str, ...] = ("none", "spectral", "isotropic", "band_pass")
-#: The log grid of attacker precisions searched by :func:`calibrate_rho` (1e-5 … 1, 4 points per decade).
-RHO_GRID: tuple[float, ...] = tuple(10.0 ** (e / 4) for e in range(-20, 1))
-
-
-# --------------------------------------------------------------------------------------------------------
-# statistics of the fidelity study
-
-
-def _ranks(values: Sequence[float]) -> list[float]:
-    """Average ranks (1-based), ties sharing the mean of their positions."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for t in range(i, j + 1):
-            ranks[order[t]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
-def pearson(a: Sequence[float], b: Sequence[float]) -> float:
-    """Pearson correlation of two equally long sequences (``nan`` when either is constant)."""
-    if len(a) != len(b) or len(a) < 2:
-        raise ValueError(f"invdefend.audit.pearson: need two sequences of equal length >= 2, got {len(a)} and {len(b)}")
-    ma, mb = sum(a) / len(a), sum(b) / len(b)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
-    va = sum((x - ma) ** 2 for x in a)
-    vb = sum((y - mb) ** 2 for y in b)
-    if va == 0 or vb == 0:
-        return float("nan")
-    return cov / math.sqrt(va * vb)
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman rank correlation (Pearson on average ranks, so ties are handled)."""
-    return pearson(_ranks(list(a)), _ranks(list(b)))
-
-
-def calibration_split(
-    group_sizes: Sequence[int], per_group: int, *, seed: int = 0
-) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """Split samples, stratified by group (setting), into calibration and held-out ``(group, index)`` lists.
-
-    ``per_group`` samples of every group, drawn with a seeded permutation, go to calibration; the rest are
-    held out. The two lists are disjoint and together cover every sample.
-    """
-    if per_group < 1:
-        raise ValueError(f"invdefend.audit.calibration_split: per_group={per_group} must be >= 1")
-    gen = torch.Generator().manual_seed(seed)
-    cal: list[tuple[int, int]] = []
-    held: list[tuple[int, int]] = []
-    for g, size in enumerate(group_sizes):
-        if size <= per_group:
-            raise ValueError(
-                f"invdefend.audit.calibration_split: group {g} has {size} samples, not more than per_group="
-                f"{per_group}; nothing would be held out"
-            )
-        perm = torch.randperm(size, generator=gen).tolist()
-        cal += [(g, i) for i in sorted(perm[:per_group])]
-        held += [(g, i) for i in sorted(perm[per_group:])]
-    return cal, held
-
-
-def calibrate_rho(
-    evaluate: Callable[[float], tuple[Sequence[float], Sequence[float]]],
-    *,
-    grid: Sequence[float] = RHO_GRID,
-    criterion: str = "mse",
-) -> tuple[float, dict[float, float]]:
-    """Choose the attacker precision ``ρ`` from ``grid`` on calibration samples.
-
-    Args:
-        evaluate: ``evaluate(rho) -> (predicted_psnr, attacked_psnr)`` of the *calibration* samples only.
-        grid: candidate values of ``ρ``.
-        criterion: ``"mse"`` (least mean squared dB error between prediction and attack) or ``"spearman"``
-            (highest rank correlation; ties broken by the smaller squared error).
-
-    Returns:
-        The chosen ``ρ`` and the score of every grid point (mean squared error, or −Spearman).
-    """
-    if criterion not in ("mse", "spearman"):
-        raise ValueError(f"invdefend.audit.calibrate_rho: criterion={criterion!r}; choose 'mse' or 'spearman'")
-    if not grid:
-        raise ValueError("invdefend.audit.calibrate_rho: empty grid")
-    scores: dict[float, float] = {}
-    keys: dict[float, tuple[float, float]] = {}
-    for rho in grid:
-        pred, att = evaluate(float(rho))
-        err = sum((p - a) ** 2 for p, a in zip(pred, att)) / max(len(pred), 1)
-        if criterion == "mse":
-            scores[rho] = err
-            keys[rho] = (err, 0.0)
-        else:
-            rs = spearman(pred, att)
-            rs = -1.0 if math.isnan(rs) else rs
-            scores[rho] = -rs
-            keys[rho] = (-round(rs, 12), err)
-    best = min(grid, key=lambda r: keys[r])
-    return float(best), scores
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -232,37 +137,23 @@ def released_gradient(
     The defended release is made by :class:`~invdefend.defense.GradientDefense` exactly as in training
     (``capture``, backward, ``protect``), on a copy of ``model`` so the caller's gradients are untouched.
     ``floor`` (isotropic energy relative to ``‖g‖²``, >= 0) is passed to every noisy defense; 0 disables it.
+    The attacker's noise covariance is the defense's public law (:meth:`GradientDefense.noise_law`).
 
     ``defense="band_pass"`` (``GradientDefense(mechanism="band_pass", budget=budget, floor=floor, probes=1)``)
-    is audited against the law it approximates, from the *exact* SVD ``J = U diag(s) Vᵀ`` of the sample's
-    gradient Jacobian (float64; directions with ``s_i <= 1e-10·s_1`` dropped) and the ``μ`` the defense used
-    (``record.extra["band_pass_mu"][0]``):
-
-    * the :class:`~invdefend.attacks.NoiseCovariance` handed to the defense-aware attacker is
-      ``Σ = (floor·‖g‖²/m)·I + U diag(τ) Uᵀ`` with ``τ_i = c·s_i²/(s_i² + μ)²`` and ``c`` such that
-      ``Σ τ_i = budget·‖g‖²``. This is the Gaussian law the mechanism approximates, not its exact law: the
-      released draw comes from a Lanczos approximation of ``J(JᵀJ + μ)⁻¹w`` (only approximately Gaussian
-      with these variances) and is rescaled to energy exactly ``budget·‖g‖²`` (its norm is fixed);
-    * the predicted PSNR is InvRE (:func:`invdefend.risk.invloss`, default ``ρ``) under that same
-      covariance on the same exact, complete spectrum, *not* the defense's recorded prediction: the record
-      is deliberately conservative (``"floor_only"``: it ignores the band-pass noise, so with ``floor=0``
-      it equals the undefended prediction), which would make the audit compare the attacks with a
-      prediction of a release that is not the one attacked.
-
-    The exact SVD makes the band_pass audit cost grow with ``d·m`` (``d`` Jacobian products and an
-    ``m × d`` SVD per sample): fine for digits and 16x16/32x32 patches, not for full-size images.
+    is audited against the law it approximates, :meth:`~invdefend.noise_law.BandPassLaw.covariance` on the
+    *exact* SVD of the sample's gradient Jacobian (float64) with the ``μ`` the draw used. It is the Gaussian
+    law the mechanism approximates, not its exact law (the draw comes from a Lanczos approximation and its
+    norm is fixed). The predicted PSNR is InvRE (:func:`invdefend.risk.invloss`, default ``ρ``) under that
+    same covariance on the same exact spectrum, *not* the defense's recorded prediction, which is
+    deliberately conservative (``"floor_only"``). The exact SVD makes this audit cost grow with ``d·m``:
+    fine for digits and 16x16/32x32 patches, not for full-size images.
 
     Returns:
         ``(gradient (m,), predicted_psnr, noise_covariance or None, relative_noise_energy)``: InvRE's
         predicted PSNR of the first sample of this release (with the defense's noise model), the
-        :class:`~invdefend.attacks.NoiseCovariance` a defense-aware attacker would know, and the noise
+        :class:`~invdefend.noise_law.NoiseCovariance` a defense-aware attacker would know, and the noise
         energy relative to ``‖g‖²``.
     """
-    import copy
-
-    from .attacks import NoiseCovariance, model_gradient
-    from .defense import GradientDefense
-
     if defense not in DEFENSES:
         raise ValueError(f"invdefend.audit: defense={defense!r}; choose one of {', '.join(DEFENSES)}")
     _check_floor(floor)
@@ -281,27 +172,17 @@ def released_gradient(
         record = guard.protect()
         params = [p for p in twin.parameters() if p.requires_grad]
         released = torch.cat([p.grad.reshape(-1) for p in params]).detach()
-        cov = None
         energy = float(clean.pow(2).sum())
-        # The allocation the defense just used (batch of one); GradientDefense has no public accessor for it.
-        plan, spec = guard._plan, guard.spectrum
-        if defense == "band_pass":
-            mu = record.extra.get("band_pass_mu") if not record.fallback else None
-            if not mu:
+        law = None if defense == "none" else guard.noise_law()
+        if isinstance(law, BandPassLaw):
+            predicted, cov = _band_pass_prediction(model, loss_fn, x, y, law, energy)
+        else:
+            if defense == "band_pass":
                 raise RuntimeError(
                     f"invdefend.audit: the band-pass draw failed ({record.fallback_reason}); the release was made "
                     "with fallback noise and cannot be audited as band_pass"
                 )
-            predicted, cov = _band_pass_law(model, loss_fn, x, y, float(mu[0]), budget, floor, energy)
-        elif defense != "none" and plan is not None:
-            iso = plan.isotropic * energy
-            if plan.shaped is not None and spec is not None and spec.left_vectors is not None:
-                cov = NoiseCovariance(
-                    sigma2_iso=iso, basis=spec.left_vectors[0].double(), tau=(plan.shaped[0] * energy).double()
-                )
-            else:
-                cov = NoiseCovariance(sigma2_iso=iso)
-        if defense != "band_pass":
+            cov = law
             predicted = float(record.predicted_psnr[0]) if record.predicted_psnr else float("nan")
             if defense == "none" or not record.predicted_psnr:
                 predicted = (float(record.undefended_predicted_psnr[0]) if record.undefended_predicted_psnr
@@ -317,42 +198,29 @@ def _check_floor(floor: float) -> None:
         raise ValueError(f"invdefend.audit: floor={floor!r} must be finite and >= 0 (0 disables it)")
 
 
-def _band_pass_law(
+def _band_pass_prediction(
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     x: Tensor,
     y: Tensor,
-    mu: float,
-    budget: float,
-    floor: float,
+    law: BandPassLaw,
     energy: float,
-) -> tuple[float, Any]:
-    """InvRE's predicted PSNR and the attacker's :class:`~invdefend.attacks.NoiseCovariance` of a band-pass
-    release of one sample, from the exact SVD of its gradient Jacobian (see :func:`released_gradient`)."""
-    from dataclasses import replace
-
-    from .attacks import NoiseCovariance
-    from .jacobian import gradient_jacobian
-    from .mechanisms import placement_variances
-    from .risk import DEFAULT_RHO, NoiseModel, invloss, predicted_psnr
-    from .spectral import exact_spectrum
-
+) -> tuple[float, NoiseCovariance]:
+    """InvRE's predicted PSNR and the attacker's covariance of a band-pass release of one sample, from the
+    exact SVD of its gradient Jacobian and the release's :class:`~invdefend.noise_law.BandPassLaw`."""
     with torch.enable_grad():
         op = gradient_jacobian(model, loss_fn, x[:1], y[:1])
         # The complete spectrum in float64; τ_ref from the released sample's own gradient norm.
         spectrum = replace(exact_spectrum(op, dtype=torch.float64),
                            signal_norm=torch.tensor([math.sqrt(energy)], dtype=torch.float64))
-    S, U, m = spectrum.singular_values[0], spectrum.left_vectors[0], spectrum.out_dim
-    keep = S > 1e-10 * S[0] if S.numel() and S[0] > 0 else torch.zeros_like(S, dtype=torch.bool)
-    r = int(keep.sum())
-    if r == 0:
-        raise RuntimeError("invdefend.audit: the sample's gradient Jacobian is zero; nothing to audit as band_pass")
-    # Σ τ_i = budget·‖g‖²: the draw is rescaled to it; dropped directions carry no band-pass noise.
-    shaped = placement_variances(torch.where(keep, S, torch.zeros_like(S)).unsqueeze(0), budget * energy,
-                                 "band_pass", mu=mu)
-    iso = floor * energy / m
-    cov = NoiseCovariance(sigma2_iso=iso, basis=U[:, :r].contiguous(), tau=shaped[0, :r])
-    il = invloss(spectrum, NoiseModel(isotropic=iso, shaped=shaped, rho=DEFAULT_RHO))
+    try:
+        cov = law.covariance(spectrum)
+    except ValueError as exc:
+        raise RuntimeError(f"invdefend.audit: {exc}; nothing to audit as band_pass") from exc
+    r = cov.tau.shape[-1]
+    shaped = torch.zeros_like(spectrum.singular_values)
+    shaped[0, :r] = cov.tau
+    il = invloss(spectrum, NoiseModel(isotropic=cov.sigma2_iso, shaped=shaped, rho=DEFAULT_RHO))
     return float(predicted_psnr(il)[0]), cov
 
 
@@ -367,8 +235,6 @@ def _run_attack(
     iterations: int,
     seed: int,
 ) -> Tensor | None:
-    from . import attacks
-
     shape = tuple(x.shape)
     if name == "dlg":
         return attacks.dlg(
@@ -427,7 +293,6 @@ def audit(
         k: singular triplets the defense estimates.
         progress: called with a line of text after every attacked sample.
     """
-    from .metrics import psnr, ssim
 
     if inputs.dim() < 2 or len(inputs) != len(targets):
         raise ValueError(

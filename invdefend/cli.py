@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         module = importlib.import_module(f"invdefend.commands.{name}")
         p = module.add_parser(sub)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(run_command=module.run)
     return parser
 
 
@@ -37,10 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``invdefend`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "_run", None) is None:
+    if getattr(args, "run_command", None) is None:
         parser.print_help()
         return 2
-    return int(args._run(args) or 0)
+    return int(args.run_command(args) or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,7 +8,6 @@ them into InvLoss, predicted PSNR and leakage (:mod:`invdefend.risk`). Nothing i
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -19,38 +18,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .jacobian import JacobianOperator, embedding_jacobian, gradient_jacobian
+from .jacobian import embedding_jacobian, gradient_jacobian
 from .risk import DEFAULT_RHO, NoiseModel, RiskEstimate, default_prior_variance
-from .spectral import Spectrum, exact_spectrum, tail_quadrature, topk_spectrum
+from .spectral import Spectrum, estimate_spectrum
+from .stats import summarise
 
 __all__ = ["InvRE", "RiskReport", "estimate_gradient_spectrum", "estimate_embedding_spectrum", "summarise"]
 
 Target = Literal["gradient", "embedding"]
-Method = Literal["subspace", "exact"]
-
-
-def _estimate(
-    op: JacobianOperator,
-    *,
-    k: int,
-    method: Method,
-    tail: bool,
-    init: Spectrum | Tensor | None,
-    max_sweeps: int,
-    tol: float,
-    oversample: int,
-    slq_probes: int,
-    slq_steps: int,
-    generator: torch.Generator | None,
-) -> Spectrum:
-    if method == "exact":
-        return exact_spectrum(op)  # the whole spectrum: risk is then exact, no tail treatment needed
-    if method != "subspace":
-        raise ValueError(f"invdefend: method={method!r}; choose 'subspace' or 'exact'")
-    spec = topk_spectrum(op, k, oversample=oversample, max_sweeps=max_sweeps, tol=tol, init=init, generator=generator)
-    if tail and not spec.complete:
-        spec.tail = tail_quadrature(op, spec, probes=slq_probes, steps=slq_steps, generator=generator)
-    return spec
+Method = Literal["auto", "subspace", "exact"]
 
 
 def estimate_gradient_spectrum(
@@ -60,7 +36,7 @@ def estimate_gradient_spectrum(
     targets: Tensor,
     *,
     k: int = 16,
-    method: Method = "subspace",
+    method: Method = "auto",
     tail: bool = False,
     init: Spectrum | Tensor | None = None,
     max_sweeps: int = 12,
@@ -74,11 +50,13 @@ def estimate_gradient_spectrum(
     """Top-k spectrum of ``∂(per-sample gradient)/∂input`` for every sample of a batch.
 
     ``method="exact"`` builds J and takes its SVD; ``"subspace"`` runs the block Krylov estimator
-    (warm-started from ``init`` if given). ``tail=True`` adds a Lanczos quadrature rule for the rest.
+    (warm-started from ``init`` if given); ``"auto"`` (default) is exact when ``k >= min(d, m)`` and the
+    estimator otherwise (:func:`invdefend.spectral.use_exact`). ``tail=True`` adds a Lanczos quadrature rule
+    for the rest.
     """
     op = gradient_jacobian(model, loss_fn, inputs, targets, mode=mode)
-    return _estimate(
-        op, k=k, method=method, tail=tail, init=init, max_sweeps=max_sweeps, tol=tol, oversample=oversample,
+    return estimate_spectrum(
+        op, k, method=method, tail=tail, init=init, max_sweeps=max_sweeps, tol=tol, oversample=oversample,
         slq_probes=slq_probes, slq_steps=slq_steps, generator=generator,
     )
 
@@ -88,7 +66,7 @@ def estimate_embedding_spectrum(
     inputs: Tensor,
     *,
     k: int = 16,
-    method: Method = "subspace",
+    method: Method = "auto",
     tail: bool = False,
     init: Spectrum | Tensor | None = None,
     max_sweeps: int = 12,
@@ -101,23 +79,10 @@ def estimate_embedding_spectrum(
 ) -> Spectrum:
     """Top-k spectrum of ``∂(cut-layer embedding)/∂input`` for every sample of a batch."""
     op = embedding_jacobian(bottom, inputs, mode=mode)
-    return _estimate(
-        op, k=k, method=method, tail=tail, init=init, max_sweeps=max_sweeps, tol=tol, oversample=oversample,
+    return estimate_spectrum(
+        op, k, method=method, tail=tail, init=init, max_sweeps=max_sweeps, tol=tol, oversample=oversample,
         slq_probes=slq_probes, slq_steps=slq_steps, generator=generator,
     )
-
-
-def summarise(values: Iterable[float]) -> dict[str, float]:
-    """``{"mean", "p95", "max", "min"}`` of finite values."""
-    arr = np.asarray(list(values), dtype=np.float64)
-    if arr.size == 0:
-        return {"mean": math.nan, "p95": math.nan, "max": math.nan, "min": math.nan}
-    return {
-        "mean": float(arr.mean()),
-        "p95": float(np.percentile(arr, 95)),
-        "max": float(arr.max()),
-        "min": float(arr.min()),
-    }
 
 
 @dataclass
@@ -219,7 +184,8 @@ class InvRE:
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` (gradient target only).
         target: ``"gradient"`` or ``"embedding"``.
         k: singular triplets estimated per sample.
-        method: ``"subspace"`` (block Krylov, default) or ``"exact"`` (build J; small models only).
+        method: ``"auto"`` (default: exact when ``k >= min(d, m)``, else block Krylov), ``"subspace"`` (block
+            Krylov) or ``"exact"`` (build J; small models only).
         tail: ``"slq"`` (Lanczos quadrature for the unestimated spectrum, default) or ``"topk"``
             (conservative: unestimated directions at ``s_k``).
         noise: noise the release carries (default: none beyond the reference attacker precision ``rho``).
@@ -241,7 +207,7 @@ class InvRE:
         *,
         target: Target = "gradient",
         k: int = 16,
-        method: Method = "subspace",
+        method: Method = "auto",
         tail: Literal["slq", "topk"] = "slq",
         noise: NoiseModel | None = None,
         rho: float = DEFAULT_RHO,

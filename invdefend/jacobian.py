@@ -36,6 +36,9 @@ __all__ = [
     "gradient_jacobian",
     "embedding_jacobian",
     "trainable_parameters",
+    "check_inputs",
+    "check_dtypes",
+    "module_mode",
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -54,7 +57,7 @@ def trainable_parameters(model: nn.Module) -> dict[str, Tensor]:
 
 
 @contextlib.contextmanager
-def _module_mode(module: nn.Module, mode: Mode) -> Iterator[None]:
+def module_mode(module: nn.Module, mode: Mode) -> Iterator[None]:
     """Temporarily put every submodule in ``mode``, restoring each one's own flag afterwards."""
     saved = [(m, m.training) for m in module.modules()]
     module.train(mode == "train")
@@ -65,7 +68,8 @@ def _module_mode(module: nn.Module, mode: Mode) -> Iterator[None]:
             m.training = flag
 
 
-def _check_inputs(where: str, inputs: Tensor) -> None:
+def check_inputs(where: str, inputs: Tensor) -> None:
+    """Refuse inputs no estimate can use (not a tensor, not a non-empty batch, not floating point, NaN/Inf)."""
     if not isinstance(inputs, Tensor):
         raise TypeError(f"invdefend.{where}: inputs must be a torch.Tensor, got {type(inputs).__name__}")
     if inputs.dim() < 2 or inputs.shape[0] == 0:
@@ -100,7 +104,7 @@ def _check_mode(where: str, mode: str) -> None:
         )
 
 
-def _check_dtypes(where: str, module: nn.Module, inputs: Tensor) -> None:
+def check_dtypes(where: str, module: nn.Module, inputs: Tensor) -> None:
     """Refuse half-precision models, and floating inputs whose dtype none of the parameters has."""
     dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
     half = sorted(str(t) for t in dtypes & {torch.float16, torch.bfloat16})
@@ -174,7 +178,7 @@ class JacobianOperator:
         context: Callable[[], contextlib.AbstractContextManager] | None = None,
         module: nn.Module | None = None,
     ) -> None:
-        _check_inputs(name, inputs)
+        check_inputs(name, inputs)
         for e in extra:
             if e.shape[0] != inputs.shape[0]:
                 raise ValueError(
@@ -353,8 +357,8 @@ def gradient_jacobian(
         vectorize: see :class:`JacobianOperator`.
     """
     _check_mode("gradient_jacobian", mode)
-    _check_inputs("gradient_jacobian", inputs)
-    _check_dtypes("gradient_jacobian", model, inputs)
+    check_inputs("gradient_jacobian", inputs)
+    check_dtypes("gradient_jacobian", model, inputs)
     if not isinstance(targets, Tensor):
         raise TypeError(f"invdefend.gradient_jacobian: targets must be a torch.Tensor, got {type(targets).__name__}")
     if targets.shape[0] != inputs.shape[0]:
@@ -382,7 +386,7 @@ def gradient_jacobian(
         (targets,),
         vectorize=vectorize,
         name="gradient_jacobian",
-        context=lambda: _module_mode(model, mode),
+        context=lambda: module_mode(model, mode),
         module=model,
     )
 
@@ -400,8 +404,8 @@ def embedding_jacobian(
     embedding size. Parameters and buffers are detached snapshots; the module is not modified.
     """
     _check_mode("embedding_jacobian", mode)
-    _check_inputs("embedding_jacobian", inputs)
-    _check_dtypes("embedding_jacobian", bottom, inputs)
+    check_inputs("embedding_jacobian", inputs)
+    check_dtypes("embedding_jacobian", bottom, inputs)
     params = {k: v.detach() for k, v in bottom.named_parameters()}
     buffers = {k: v.detach().clone() for k, v in bottom.named_buffers()}
 
@@ -414,6 +418,6 @@ def embedding_jacobian(
         (),
         vectorize=vectorize,
         name="embedding_jacobian",
-        context=lambda: _module_mode(bottom, mode),
+        context=lambda: module_mode(bottom, mode),
         module=bottom,
     )

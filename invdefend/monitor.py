@@ -32,7 +32,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ReleaseRecord", "RiskMonitor", "TAG_PREFIX", "format_refreshes", "logger"]
+from .stats import finite_stats
+
+__all__ = ["ReleaseRecord", "RiskMonitor", "TAG_PREFIX", "format_refreshes", "record_scalars", "logger"]
 
 TAG_PREFIX = "invdefend"
 logger = logging.getLogger("invdefend")
@@ -44,6 +46,13 @@ class ReleaseRecord:
 
     Risk lists hold one value per assessed (probe) sample; they are empty on steps that reused an
     earlier estimate without re-assessing it.
+
+    Typed fields say how the release was made: ``batch_size``; ``estimate_seconds`` (None on steps without an
+    estimate) and ``estimator_start`` (``"exact"``, ``"cold"``, ``"warm"``, ``"warm+extended"``);
+    ``risk_noise_model`` (``"full"``, or ``"floor_only"`` when the recorded risk leaves a placement's operator
+    noise out); ``risk_estimate_failed`` (why no risk was recorded while the noise was released anyway);
+    ``noise_parameters`` (a placement's per-probe draw parameters, e.g. ``{"band_pass_mu": [...]}``) and
+    ``draw_seconds``. ``extra`` is free-form: integrations annotate records there (Opacus's ``epsilon``).
     """
 
     kind: str
@@ -61,6 +70,13 @@ class ReleaseRecord:
     sweeps: int = 0
     max_residual: float = 0.0
     target_reached: bool | None = None
+    batch_size: int = 0
+    estimate_seconds: float | None = None
+    estimator_start: str = ""
+    risk_noise_model: str = "full"
+    risk_estimate_failed: str = ""
+    noise_parameters: dict[str, list[float]] = field(default_factory=dict)
+    draw_seconds: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,12 +102,29 @@ def format_refreshes(records: Iterable[ReleaseRecord]) -> str:
     return "\n".join(lines)
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    arr = np.asarray(values, dtype=np.float64)
-    arr = arr[np.isfinite(arr)]
-    if arr.size == 0:
-        return {}
-    return {"mean": float(arr.mean()), "p95": float(np.percentile(arr, 95)), "max": float(arr.max())}
+def record_scalars(record: ReleaseRecord, tag: Callable[[str, str], str]) -> dict[str, float]:
+    """The scalars of one release record worth logging every step, keyed by full tag.
+
+    For loggers that take a flat ``{name: value}`` dict per step (Lightning's ``log_dict``, the Hugging
+    Face Trainer's ``log``) rather than a ``SummaryWriter``. ``tag`` builds the full tag of a name for a
+    kind, usually a monitor's :meth:`RiskMonitor.tag`. Always present: ``noise/relative_energy`` and
+    ``fallback``; for each of ``predicted_psnr``, ``undefended_predicted_psnr`` and ``leakage`` that has a
+    finite value, ``risk/<name>_max`` and ``risk/<name>_mean`` over its finite values — so risk statistics
+    appear only on steps that re-estimated the spectrum (``record.refreshed``). Framework-free.
+    """
+    kind = record.kind
+    out = {
+        tag(kind, "noise/relative_energy"): float(record.relative_energy),
+        tag(kind, "fallback"): float(record.fallback),
+    }
+    for name, values in (("predicted_psnr", record.predicted_psnr),
+                         ("undefended_predicted_psnr", record.undefended_predicted_psnr),
+                         ("leakage", record.leakage)):
+        finite = [v for v in values if v == v and abs(v) != float("inf")]
+        if finite:
+            out[tag(kind, f"risk/{name}_max")] = max(finite)
+            out[tag(kind, f"risk/{name}_mean")] = sum(finite) / len(finite)
+    return out
 
 
 class RiskMonitor:
@@ -101,7 +134,8 @@ class RiskMonitor:
         writer: a ``torch.utils.tensorboard.SummaryWriter`` (or anything with ``add_scalar`` and
             ``add_histogram``); None for no TensorBoard.
         log_dir: open a ``SummaryWriter`` there when no writer is given.
-        callbacks: callables receiving every :class:`ReleaseRecord`.
+        callbacks: callables receiving every :class:`ReleaseRecord`, in this order (see :meth:`subscribe`
+            and :meth:`unsubscribe` to change them later).
         prefix: extra tag level after ``invdefend/`` (e.g. a run or client name); empty by default.
         max_history: :attr:`history` keeps only the latest this many records (default 1000), so that a long
             run's memory stays bounded; None keeps every record. TensorBoard and callbacks see all of them.
@@ -138,9 +172,34 @@ class RiskMonitor:
         self.max_history = None if max_history is None else int(max_history)
         self._last: dict[tuple[str, str], Any] = {}  # last value written per tag (for write-on-change)
 
-    def subscribe(self, callback: Callable[[ReleaseRecord], None]) -> None:
-        """Add a callback receiving every record."""
-        self.callbacks.append(callback)
+    def subscribe(self, callback: Callable[[ReleaseRecord], None], *, first: bool = False) -> None:
+        """Add a callback receiving every record.
+
+        Callbacks run in order at every :meth:`emit`. By default ``callback`` runs after those already
+        subscribed; ``first=True`` puts it before them (for a callback that must see, or annotate, a record
+        before the others do).
+        """
+        if first:
+            self.callbacks.insert(0, callback)
+        else:
+            self.callbacks.append(callback)
+
+    def unsubscribe(self, callback: Callable[[ReleaseRecord], None]) -> None:
+        """Remove a callback added by :meth:`subscribe` or passed as ``callbacks=`` at construction.
+
+        Callbacks are matched by equality (so a bound method ``obj.method`` matches a fresh
+        ``obj.method``); a callback subscribed twice is removed once (its first occurrence).
+
+        Raises:
+            ValueError: ``callback`` is not subscribed to this monitor.
+        """
+        try:
+            self.callbacks.remove(callback)
+        except ValueError:
+            raise ValueError(
+                f"invdefend.RiskMonitor.unsubscribe: {callback!r} is not subscribed to this monitor "
+                f"({len(self.callbacks)} callback(s) are)"
+            ) from None
 
     def tag(self, kind: str, name: str) -> str:
         """The full TensorBoard tag of ``name`` for ``kind``."""
@@ -187,12 +246,12 @@ class RiskMonitor:
         self._write_on_change(k, "fallback", float(r.fallback), step, r.refreshed)
         if r.target_reached is not None and r.refreshed:
             w.add_scalar(self.tag(k, "risk/target_reached"), float(r.target_reached), step)
-        if "estimate_seconds" in r.extra:
-            w.add_scalar(self.tag(k, "estimator/seconds"), float(r.extra["estimate_seconds"]), step)
+        if r.estimate_seconds is not None:
+            w.add_scalar(self.tag(k, "estimator/seconds"), float(r.estimate_seconds), step)
         for name, values in (("predicted_psnr", r.predicted_psnr), ("leakage", r.leakage)):
-            for stat, value in _stats(values).items():
+            for stat, value in finite_stats(values).items():
                 w.add_scalar(self.tag(k, f"risk/{name}_{stat}"), value, step)
-        und = _stats(r.undefended_predicted_psnr)
+        und = finite_stats(r.undefended_predicted_psnr)
         for stat in ("mean", "max"):
             if stat in und:
                 w.add_scalar(self.tag(k, f"risk/undefended_predicted_psnr_{stat}"), und[stat], step)

@@ -41,6 +41,7 @@ __all__ = [
     "leakage",
     "reference_noise",
     "default_prior_variance",
+    "target_invloss",
 ]
 
 #: Reference attacker precision ρ: the relative accuracy to which a real attacker matches the shared
@@ -219,3 +220,22 @@ class RiskEstimate:
         il = invloss(spectrum, noise, v0=v0, tail=tail)
         used = "exact" if spectrum.complete else ("slq" if spectrum.tail is not None and tail != "topk" else "topk")
         return cls(invloss=il, predicted_psnr=predicted_psnr(il, dynamic_range), leakage=leakage(il, v0), tail=used)
+
+
+def target_invloss(target_psnr: float, dynamic_range: float = 1.0, v0: float | None = None) -> float:
+    """The InvLoss that a target predicted PSNR corresponds to, ``R²/10^(target/10)``, checked against what
+    is reachable.
+
+    A release that teaches the attacker nothing has InvLoss ``v0``, i.e. predicted PSNR ``10·log10(R²/v0)``;
+    targets at or above that are met without noise, targets below it need InvLoss > v0, which no noise reaches.
+    """
+    v0 = default_prior_variance(dynamic_range) if v0 is None else v0
+    if isinstance(target_psnr, bool) or not isinstance(target_psnr, (int, float)) or not math.isfinite(target_psnr):
+        raise ValueError(f"invdefend: target_psnr={target_psnr!r} must be a finite number of dB")
+    floor_psnr = 10 * math.log10(dynamic_range**2 / v0)
+    if target_psnr <= floor_psnr:
+        raise ValueError(
+            f"invdefend: target_psnr={target_psnr} dB is out of range: even a release that reveals nothing "
+            f"has predicted PSNR {floor_psnr:.2f} dB (v0={v0:.4g}, R={dynamic_range}); choose a target above it"
+        )
+    return dynamic_range**2 / 10 ** (target_psnr / 10)

@@ -9,18 +9,31 @@
 * :func:`tail_quadrature` runs stochastic Lanczos quadrature (Hutchinson probes × Lanczos steps) on ``JᵀJ``
   deflated by the estimated top-k subspace, so that any spectral sum ``Σ f(λ)`` over the rest of the
   spectrum can be evaluated later for any noise level (see :mod:`invdefend.risk`).
+* :func:`lanczos` is the one Lanczos kernel: the quadrature above and the matrix-function noise of the
+  band-pass placement (:mod:`invdefend.placements.band_pass`) both run it.
+* :func:`estimate_spectrum` is the one rule for "exact or top-k" (:func:`use_exact`); :class:`SpectrumTracker`
+  adds the warm start from the previous estimate that the defenses use, and :func:`check_estimate` is the one
+  trust check every consumer applies before it shapes noise on an estimate.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from .jacobian import JacobianOperator
 
-__all__ = ["Spectrum", "SpectralQuadrature", "exact_spectrum", "topk_spectrum", "tail_quadrature"]
+__all__ = [
+    "Spectrum", "SpectralQuadrature", "SpectrumTracker", "exact_spectrum", "topk_spectrum", "tail_quadrature",
+    "lanczos", "use_exact", "estimate_spectrum", "estimator_error", "check_estimate",
+]
+
+Method = Literal["auto", "exact", "subspace"]
 
 
 @dataclass
@@ -120,6 +133,25 @@ class Spectrum:
         """True when the singular values (and vectors, if held) contain no NaN/Inf."""
         parts = [self.singular_values, self.signal_norm, self.right_vectors, self.left_vectors]
         return all(t is None or bool(torch.isfinite(t).all()) for t in parts)
+
+    def state_dict(self) -> dict[str, Any]:
+        """A checkpointable dict (tensors and plain values); the quadrature rule and ``extra`` are not kept."""
+        return {
+            "singular_values": self.singular_values, "right_vectors": self.right_vectors,
+            "left_vectors": self.left_vectors, "signal_norm": self.signal_norm, "residuals": self.residuals,
+            "in_dim": self.in_dim, "out_dim": self.out_dim, "method": self.method, "sweeps": self.sweeps,
+            "tol": self.tol, "complete": self.complete,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "Spectrum":
+        """Inverse of :meth:`state_dict`."""
+        return cls(
+            singular_values=state["singular_values"], right_vectors=state["right_vectors"],
+            left_vectors=state["left_vectors"], in_dim=int(state["in_dim"]), out_dim=int(state["out_dim"]),
+            signal_norm=state["signal_norm"], method=state.get("method", "subspace"), sweeps=int(state["sweeps"]),
+            residuals=state["residuals"], tol=float(state["tol"]), complete=bool(state.get("complete", False)),
+        )
 
 
 def _generator_for(device: torch.device, generator: torch.Generator | None) -> torch.Generator:
@@ -305,33 +337,198 @@ def tail_quadrature(
 
     z = torch.randint(0, 2, (B, d, probes), generator=gen, device=op.device).to(op.dtype) * 2 - 1
     z = deflate(z)
-    znorm = z.norm(dim=1)  # (B, probes)
-    q = z / znorm.clamp_min(torch.finfo(op.dtype).tiny).unsqueeze(1)
-    Qs = [q]
-    alphas, betas = [], []
+    _, T, znorm = lanczos(lambda q: deflate(op.rmatvec(op.matvec(deflate(q)))), z, steps)
+    theta, Y = torch.linalg.eigh(T)  # (B, probes, n)
+    n = T.shape[-1]
+    weights = Y[..., 0, :] ** 2 * (znorm.double() ** 2).unsqueeze(-1) / probes
+    return SpectralQuadrature(
+        nodes=theta.clamp_min(0.0).to(op.dtype), weights=weights.to(op.dtype), probes=probes, steps=n
+    )
+
+
+def lanczos(
+    apply: Callable[[Tensor], Tensor], start: Tensor, steps: int, *, stop_on_breakdown: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Lanczos with full re-orthogonalisation on a symmetric operator, for ``P`` start vectors per sample.
+
+    Args:
+        apply: the operator on a block ``(B, d, P)`` (e.g. ``q ↦ Jᵀ(J q)``), column by column.
+        start: ``(B, d, P)`` start vectors (any norm).
+        steps: at most this many steps (operator applications).
+        stop_on_breakdown: stop early once every column's next residual is ``< 1e-12·|α|`` (an invariant
+            subspace was found); otherwise run all ``steps``.
+
+    Returns:
+        ``(Q, T, norm)``: the orthonormal Lanczos vectors ``(B, P, d, n)``, the tridiagonal matrices
+        ``(B, P, n, n)`` in float64, and the start vectors' norms ``(B, P)``. ``f(A)·start ≈
+        norm·Q f(T) e₁`` and ``startᵀ f(A) start ≈ norm²·Σ_j (e₁ᵀy_j)² f(θ_j)`` (Gauss quadrature).
+    """
+    B, d, P = start.shape
+    tiny = torch.finfo(start.dtype).tiny
+    norm = start.norm(dim=1)  # (B, P)
+    q = start / norm.clamp_min(tiny).unsqueeze(1)
+    Qs, alphas, betas = [q], [], []
     q_prev = torch.zeros_like(q)
-    beta = torch.zeros(B, probes, dtype=op.dtype, device=op.device)
+    beta = torch.zeros(B, P, dtype=start.dtype, device=start.device)
     for j in range(steps):
-        w = deflate(op.rmatvec(op.matvec(deflate(q))))
-        alpha = (w * q).sum(dim=1)
-        w = w - alpha.unsqueeze(1) * q - beta.unsqueeze(1) * q_prev
-        Qmat = torch.stack(Qs, dim=-1)  # (B, d, probes, j+1): full re-orthogonalisation
+        v = apply(q)
+        alpha = (v * q).sum(dim=1)
+        v = v - alpha.unsqueeze(1) * q - beta.unsqueeze(1) * q_prev
+        Qm = torch.stack(Qs, dim=-1).permute(0, 2, 1, 3)  # (B, P, d, j+1)
+        vp = v.permute(0, 2, 1).unsqueeze(-1)  # (B, P, d, 1)
         for _ in range(2):
-            w = w - (Qmat * (Qmat * w.unsqueeze(-1)).sum(dim=1, keepdim=True)).sum(dim=-1)
+            vp = vp - Qm @ (Qm.transpose(-1, -2) @ vp)
+        v = vp.squeeze(-1).permute(0, 2, 1)
         alphas.append(alpha)
-        beta = w.norm(dim=1)
-        if j == steps - 1:
+        beta = v.norm(dim=1)
+        if j == steps - 1 or (stop_on_breakdown and bool((beta < 1e-12 * alpha.abs().clamp_min(1e-30)).all())):
             break
         betas.append(beta)
-        q_prev, q = q, w / beta.clamp_min(torch.finfo(op.dtype).tiny).unsqueeze(1)
+        q_prev, q = q, v / beta.clamp_min(tiny).unsqueeze(1)
         Qs.append(q)
     n = len(alphas)
     T = torch.diag_embed(torch.stack(alphas, dim=-1).double())
     if n > 1:
         off = torch.stack(betas[: n - 1], dim=-1).double()
         T = T + torch.diag_embed(off, offset=1) + torch.diag_embed(off, offset=-1)
-    theta, Y = torch.linalg.eigh(T)  # (B, probes, n)
-    weights = Y[..., 0, :] ** 2 * (znorm.double() ** 2).unsqueeze(-1) / probes
-    return SpectralQuadrature(
-        nodes=theta.clamp_min(0.0).to(op.dtype), weights=weights.to(op.dtype), probes=probes, steps=n
-    )
+    return torch.stack(Qs[:n], dim=-1).permute(0, 2, 1, 3), T, norm
+
+
+def use_exact(in_dim: int, out_dim: int, k: int, exact_max_dim: int = 0) -> bool:
+    """The one rule for "exact SVD or top-k estimate": exact when the rank bound ``min(d, m)`` is at most
+    ``max(k, exact_max_dim)``. Then ``min(d, m)`` products give the whole spectrum, which costs no more than
+    a top-k estimate that would hold it all anyway (``k ≥ min(d, m)``), or is small enough to afford."""
+    return min(in_dim, out_dim) <= max(k, exact_max_dim)
+
+
+def estimate_spectrum(
+    op: JacobianOperator,
+    k: int = 16,
+    *,
+    method: Method = "auto",
+    exact_max_dim: int = 0,
+    tail: bool = False,
+    init: Tensor | Spectrum | None = None,
+    max_sweeps: int = 12,
+    tol: float = 1e-2,
+    oversample: int = 16,
+    slq_probes: int = 4,
+    slq_steps: int = 24,
+    generator: torch.Generator | None = None,
+) -> Spectrum:
+    """The spectrum of ``op``: exact (:func:`exact_spectrum`) when ``method="exact"`` or, with
+    ``method="auto"``, when :func:`use_exact` says so; else the top-k estimate (:func:`topk_spectrum`,
+    warm-started from ``init``) with, when ``tail``, a quadrature rule for the rest (:func:`tail_quadrature`).
+    ``spectrum.extra["start"]`` says which: ``"exact"``, ``"warm"`` or ``"cold"``."""
+    if method not in ("auto", "exact", "subspace"):
+        raise ValueError(f"invdefend.spectral.estimate_spectrum: method={method!r}; choose 'auto', 'exact' or 'subspace'")
+    if method == "exact" or (method == "auto" and use_exact(op.in_dim, op.out_dim, k, exact_max_dim)):
+        spec = exact_spectrum(op)  # the whole spectrum: risk is then exact, no tail treatment needed
+        spec.extra["start"] = "exact"
+        return spec
+    spec = topk_spectrum(op, k, oversample=oversample, max_sweeps=max_sweeps, tol=tol, init=init, generator=generator)
+    spec.extra["start"] = "cold" if init is None else "warm"
+    if tail and not spec.complete:
+        spec.tail = tail_quadrature(op, spec, probes=slq_probes, steps=slq_steps, generator=generator)
+    return spec
+
+
+def estimator_error(spec: Spectrum) -> float:
+    """The estimate's backward error: the largest Ritz residual ``‖JᵀJv_i − σ_i²v_i‖`` relative to ``σ₁²``.
+
+    A value ``η`` means every held pair is an exact eigenpair of some ``JᵀJ + E`` with ``‖E‖ ≤ η·σ₁²``.
+    Unlike the per-pair relative residual it does not blow up on a flat or clustered tail, where Ritz
+    vectors mix freely among nearly equal values (harmless for the noise, which covers their span). 0 for
+    an exact spectrum; NaN propagates (and counts as a failure).
+    """
+    if spec.residuals is None or spec.singular_values.numel() == 0:
+        return 0.0
+    s2 = spec.singular_values.double() ** 2
+    top = s2[:, :1]
+    err = spec.residuals.double() * s2 / top.clamp_min(torch.finfo(torch.float64).tiny)
+    err = torch.where(top > 0, err, torch.zeros_like(err))
+    return float(err.max())
+
+
+def check_estimate(spec: Spectrum, max_residual: float) -> Spectrum:
+    """The one trust check: return ``spec`` if it is finite and its :func:`estimator_error` is at most
+    ``max_residual``; raise :class:`FloatingPointError` (NaN/Inf) or :class:`RuntimeError` (not converged)."""
+    if not spec.is_finite():
+        raise FloatingPointError("the estimated spectrum contains NaN/Inf")
+    err = estimator_error(spec)
+    if not math.isfinite(err) or err > max_residual:
+        raise RuntimeError(
+            f"the estimator did not converge in {spec.sweeps} sweeps (error {err:.3g} > max_residual {max_residual})"
+        )
+    return spec
+
+
+class SpectrumTracker:
+    """Estimates the spectrum of successive batches, warm-started from the last trusted estimate.
+
+    The exact spectrum is taken when :func:`use_exact` says so. Otherwise the top-k estimator starts from
+    the last trusted estimate's *left* (shared-quantity) subspace: the new batch starts from ``Jᵀ U_prev``,
+    because right (input-space) singular vectors belong to one sample while the leaking directions of the
+    shared quantity are largely shared between samples and drift slowly (one ``Jᵀ`` product). A warm start
+    runs ``sweeps`` sweeps; if that leaves the estimate above ``max_residual``, up to ``cold_sweeps`` more
+    continue from it. A cold start runs ``cold_sweeps``. With ``warm_start=False`` every estimate is cold.
+
+    :meth:`estimate` returns the raw estimate; the caller applies :func:`check_estimate` and, if it trusts
+    the result, hands it to :meth:`accept` (the next warm start). Defenses hold one as their ``estimator``,
+    which tests may replace or wrap to inject failures.
+    """
+
+    def __init__(
+        self,
+        k: int,
+        *,
+        exact_max_dim: int = 0,
+        oversample: int = 16,
+        sweeps: int = 2,
+        cold_sweeps: int = 12,
+        max_residual: float = 0.5,
+        warm_start: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.k, self.exact_max_dim, self.oversample = int(k), int(exact_max_dim), int(oversample)
+        self.sweeps, self.cold_sweeps, self.max_residual = int(sweeps), int(cold_sweeps), float(max_residual)
+        self.warm_start = warm_start
+        self.generator = generator
+        self.previous: Spectrum | None = None  # the last trusted estimate (the next warm start)
+
+    def estimate(self, op: JacobianOperator) -> Spectrum:
+        """The spectrum of ``op`` (exact, warm or cold top-k; ``extra["start"]`` says which), unchecked."""
+        if use_exact(op.in_dim, op.out_dim, self.k, self.exact_max_dim):
+            return estimate_spectrum(op, self.k, method="exact")
+        init = self._warm_start(op)
+        warm = init is not None
+        spec = topk_spectrum(
+            op, self.k, oversample=self.oversample, max_sweeps=self.sweeps if warm else self.cold_sweeps,
+            init=init, generator=self.generator,
+        )
+        spec.extra["start"] = "warm" if warm else "cold"
+        if warm and spec.is_finite() and estimator_error(spec) > self.max_residual:
+            # Tracking lost (the spectrum moved): keep iterating from where the warm sweeps got.
+            more = topk_spectrum(
+                op, self.k, oversample=self.oversample, max_sweeps=self.cold_sweeps, tol=self.max_residual,
+                init=spec, generator=self.generator,
+            )
+            spec = replace(more, sweeps=spec.sweeps + more.sweeps, extra={**more.extra, "start": "warm+extended"})
+        return spec
+
+    def accept(self, spec: Spectrum) -> None:
+        """Remember a trusted estimate as the next warm start."""
+        self.previous = spec
+
+    def _warm_start(self, op: JacobianOperator) -> Tensor | None:
+        """``Jᵀ U_prev`` (right vectors to start from), or None for a cold start."""
+        prev = self.previous
+        if not self.warm_start or prev is None or prev.left_vectors is None \
+                or prev.out_dim != op.out_dim or prev.in_dim != op.in_dim:
+            return None
+        U = prev.left_vectors.to(device=op.device, dtype=op.dtype)
+        pick = torch.arange(op.batch_size) % U.shape[0]
+        V0 = op.rmatvec(U[pick][:, :, : self.k + self.oversample])
+        if not bool(torch.isfinite(V0).all()):
+            return None
+        return V0

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from ..jacobian import _module_mode
+from ..jacobian import module_mode
 
 __all__ = [
     "AttackResult",
@@ -187,7 +187,7 @@ class FunctionalModel:
         """The model's output on ``x``, computed on the copies."""
         # Buffers are re-cloned so that a train-mode call cannot update the stored running statistics.
         state = {**self.params, **self.frozen, **{n: b.clone() for n, b in self.buffers.items()}}
-        with _module_mode(self.model, self.mode):
+        with module_mode(self.model, self.mode):
             return functional_call(self.model, state, (x,))
 
     def gradient(self, x: Tensor, labels: Tensor, loss_fn: LossFn, *, create_graph: bool = True) -> Tensor:
@@ -242,7 +242,7 @@ def per_sample_gradients(
         return loss_fn(out, yi[None])
 
     detached = {n: p.detach() for n, p in fm.params.items()}
-    with _module_mode(model, mode):
+    with module_mode(model, mode):
         try:
             g = vmap(grad(one), in_dims=(None, 0, 0))(detached, x, labels)
             return torch.cat([g[n].reshape(x.shape[0], -1) for n in names], dim=1)

@@ -15,13 +15,13 @@ without ever forming an ``m × m`` matrix (:class:`NoiseCovariance`). ``F`` is t
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..noise_law import NoiseCovariance
 from ._common import (
     AttackResult,
     FunctionalModel,
@@ -36,136 +36,9 @@ from ._common import (
     projected_adam,
     total_variation,
 )
-from .dlg import _check_labels, random_start
+from .dlg import check_labels, random_start
 
 __all__ = ["NoiseCovariance", "defense_aware_gradient_attack", "defense_aware_embedding_attack", "mean_release"]
-
-
-@dataclass(frozen=True)
-class NoiseCovariance:
-    """``Σ = sigma2_iso·I + U diag(tau) Uᵀ`` in ``R^{m×m}``, applied matrix-free.
-
-    Attributes:
-        sigma2_iso: isotropic variance ``σ² ≥ 0``. With ``σ² = 0`` the noise is confined to ``span(U)``,
-            which makes ``Σ`` singular; a floor of ``floor_rel · max(tau)`` is then used (the complement of
-            ``span(U)`` is treated as almost noise-free, which is what it is).
-        basis: ``U``, ``(m, r)`` (one basis for all samples) or ``(B, m, r)`` (one per sample, for
-            per-sample embedding noise); columns need not be orthonormal. ``None`` for isotropic noise.
-        tau: ``(r,)`` or ``(B, r)`` variances along the columns, ``≥ 0``.
-        floor_rel: relative floor used when ``sigma2_iso == 0``.
-
-    ``Σ⁻¹`` is computed by Woodbury in the eigenbasis of the low-rank part: with the thin QR ``U = QR`` and
-    the ``r × r`` eigendecomposition ``R diag(τ) Rᵀ = W Λ Wᵀ``, ``V = QW`` is orthonormal and
-    ``Σ⁻¹ s = (s − V Vᵀ s)/σ² + V diag(1/(σ² + λ)) Vᵀ s`` — ``O(m r²)`` once, ``O(m r)`` per product.
-    """
-
-    sigma2_iso: float
-    basis: Tensor | None = None
-    tau: Tensor | None = None
-    floor_rel: float = 1e-8
-
-    def __post_init__(self) -> None:
-        where = "invdefend.attacks.NoiseCovariance"
-        if not float(self.sigma2_iso) >= 0:
-            raise ValueError(f"{where}: sigma2_iso={self.sigma2_iso} must be >= 0")
-        for name in ("basis", "tau"):  # the noise model is data, not part of any graph
-            value = getattr(self, name)
-            if value is not None:
-                if not isinstance(value, Tensor):
-                    raise TypeError(f"{where}: {name} must be a torch.Tensor or None")
-                object.__setattr__(self, name, value.detach())
-        if (self.basis is None) != (self.tau is None):
-            raise ValueError(f"{where}: pass basis and tau together (or neither, for isotropic noise)")
-        if self.basis is not None and self.tau is not None:
-            if self.basis.dim() not in (2, 3) or self.tau.dim() != self.basis.dim() - 1:
-                raise ValueError(
-                    f"{where}: basis must be (m, r) with tau (r,), or (B, m, r) with tau (B, r); got "
-                    f"{tuple(self.basis.shape)} and {tuple(self.tau.shape)}"
-                )
-            if self.basis.shape[-1] != self.tau.shape[-1] or self.basis.shape[:-2] != self.tau.shape[:-1]:
-                raise ValueError(
-                    f"{where}: basis {tuple(self.basis.shape)} and tau {tuple(self.tau.shape)} disagree on r or B"
-                )
-            if bool((self.tau < 0).any()):
-                raise ValueError(f"{where}: tau has negative entries; variances must be >= 0")
-            if float(self.sigma2_iso) == 0.0 and float(self.tau.max()) == 0.0:
-                raise ValueError(f"{where}: the covariance is zero; there is no noise to model (use dlg)")
-        elif float(self.sigma2_iso) == 0.0:
-            raise ValueError(f"{where}: sigma2_iso=0 without a low-rank part is no noise at all; use dlg")
-
-    @property
-    def dim(self) -> int | None:
-        """``m`` when a basis fixes it, else ``None``."""
-        return None if self.basis is None else int(self.basis.shape[-2])
-
-    @property
-    def effective_sigma2(self) -> float:
-        """The isotropic variance actually used (``sigma2_iso``, or the floor when it is 0)."""
-        if float(self.sigma2_iso) > 0 or self.tau is None:
-            return float(self.sigma2_iso)
-        return self.floor_rel * float(self.tau.max())
-
-    def scaled(self, factor: float) -> NoiseCovariance:
-        """``factor · Σ`` (e.g. ``1/n`` for the mean of ``n`` independent releases)."""
-        if not factor > 0:
-            raise ValueError(f"invdefend.attacks.NoiseCovariance.scaled: factor={factor} must be > 0")
-        tau = None if self.tau is None else self.tau * factor
-        return NoiseCovariance(self.sigma2_iso * factor, self.basis, tau, self.floor_rel)
-
-    def eigenbasis(self, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor] | None:
-        """``(V, λ)``: orthonormal ``V`` ``(..., m, r)``, ``U diag(τ) Uᵀ = V diag(λ) Vᵀ`` (None: isotropic)."""
-        if self.basis is None or self.tau is None:
-            return None
-        q, r = torch.linalg.qr(self.basis.to(dtype))
-        small = r @ torch.diag_embed(self.tau.to(dtype)) @ r.transpose(-1, -2)
-        lam, w = torch.linalg.eigh(0.5 * (small + small.transpose(-1, -2)))
-        return q @ w, lam.clamp_min(0.0)
-
-    def inverse_apply(self, s: Tensor, *, _eig: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """``Σ⁻¹ s`` for ``s`` of shape ``(..., m)`` (batched bases: ``(B, m)``)."""
-        s2 = self.effective_sigma2
-        eig = _eig if _eig is not None else self.eigenbasis(s.dtype)
-        if eig is None:
-            return s / s2
-        v, lam = (t.to(s.dtype) for t in eig)
-        coef = (v.transpose(-1, -2) @ s.unsqueeze(-1)).squeeze(-1)  # (..., r)
-        perp = s - (v @ coef.unsqueeze(-1)).squeeze(-1)
-        return perp / s2 + (v @ (coef / (s2 + lam)).unsqueeze(-1)).squeeze(-1)
-
-    def mahalanobis(self, s: Tensor, *, _eig: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """``sᵀ Σ⁻¹ s`` over the last dim (differentiable in ``s``), computed without cancellation."""
-        s2 = self.effective_sigma2
-        eig = _eig if _eig is not None else self.eigenbasis(s.dtype)
-        if eig is None:
-            return s.pow(2).sum(-1) / s2
-        v, lam = (t.to(s.dtype) for t in eig)
-        coef = (v.transpose(-1, -2) @ s.unsqueeze(-1)).squeeze(-1)
-        perp = s - (v @ coef.unsqueeze(-1)).squeeze(-1)
-        return perp.pow(2).sum(-1) / s2 + (coef.pow(2) / (s2 + lam)).sum(-1)
-
-    def dense(self, m: int | None = None, dtype: torch.dtype = torch.float64) -> Tensor:
-        """The full ``(m, m)`` matrix (or ``(B, m, m)``) — for tests on small ``m`` only."""
-        m = self.dim if self.dim is not None else m
-        if m is None:
-            raise ValueError("invdefend.attacks.NoiseCovariance.dense: pass m for an isotropic covariance")
-        eye = torch.eye(m, dtype=dtype) * float(self.sigma2_iso)
-        if self.basis is None or self.tau is None:
-            return eye
-        u = self.basis.to(dtype)
-        return eye + u @ torch.diag_embed(self.tau.to(dtype)) @ u.transpose(-1, -2)
-
-    def sample(self, shape: Sequence[int], generator: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:
-        """Draw noise ``(*shape, m)`` (batched bases: ``shape`` must end with ``B``)."""
-        m = self.dim
-        if m is None:
-            raise ValueError("invdefend.attacks.NoiseCovariance.sample: an isotropic covariance needs dense(m) or m")
-        shape = tuple(shape)
-        eps = torch.randn(*shape, m, generator=generator, dtype=torch.float64) * float(self.sigma2_iso) ** 0.5
-        if self.basis is not None and self.tau is not None:
-            w = torch.randn(*shape, self.tau.shape[-1], generator=generator, dtype=torch.float64)
-            w = w * self.tau.to(torch.float64).sqrt()
-            eps = eps + (self.basis.to(torch.float64) @ w.unsqueeze(-1)).squeeze(-1)
-        return eps.to(dtype)
 
 
 def mean_release(
@@ -288,7 +161,7 @@ def defense_aware_gradient_attack(
     """
     where = "attacks.defense_aware_gradient_attack"
     shape = check_input_shape(input_shape, where)
-    labels = _check_labels(labels, shape[0], where)
+    labels = check_labels(labels, shape[0], where)
     with Timer() as timer:
         fm = FunctionalModel(model, dtype=dtype, mode=mode, where=where)
         flat = _flatten_releases(releases, model, where)

@@ -108,7 +108,7 @@ def dlg(
             soft = torch.randn(shape[0], num_classes, generator=gen, dtype=fm.dtype).requires_grad_(True)
             variables.append(soft)
         else:
-            labels = _check_labels(labels, shape[0], where)
+            labels = check_labels(labels, shape[0], where)
 
         history: list[float] = []
 
@@ -129,7 +129,8 @@ def dlg(
     return AttackResult(rec, label, history, "dlg", timer.seconds, {"evaluations": len(history)})
 
 
-def _check_labels(labels: Tensor, batch: int, where: str) -> Tensor:
+def check_labels(labels: Tensor, batch: int, where: str) -> Tensor:
+    """``labels`` as a ``(batch,)`` long tensor of class indices; a clear error naming ``where`` otherwise."""
     if not isinstance(labels, Tensor):
         raise TypeError(f"invdefend.{where}: labels must be a torch.Tensor of class indices, or None")
     if labels.shape[0] != batch:

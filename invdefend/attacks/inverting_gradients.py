@@ -29,7 +29,7 @@ from ._common import (
     make_generator,
     total_variation,
 )
-from .dlg import _check_labels, random_start
+from .dlg import check_labels, random_start
 
 __all__ = ["inverting_gradients"]
 
@@ -96,7 +96,7 @@ def inverting_gradients(
                     f"invdefend.{where}: labels=None needs a batch of one (iDLG), got batch {shape[0]}; pass labels="
                 )
             labels = idlg_label(model, target)
-        labels = _check_labels(labels, shape[0], where)
+        labels = check_labels(labels, shape[0], where)
         gen = make_generator(generator, seed, where)
         milestones = [int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
 

@@ -1,7 +1,10 @@
-"""Training-loop defenses: spectral noise on shared gradients and on shared embeddings."""
+"""Training-loop defenses: noise on shared gradients and on shared embeddings, as short pipelines
+(capture → estimate → plan → draw → record) over one :class:`DefenseSettings` and a placement
+(:mod:`invdefend.placements`)."""
 
-from .common import DefenseError
+from .checks import DefenseError
 from .embedding import EmbeddingDefense
-from .gradient import DefendedOptimizer, GradientDefense
+from .gradient import DefendedOptimizer, GradientDefense, GradientPlan
+from .settings import DefenseSettings
 
-__all__ = ["GradientDefense", "DefendedOptimizer", "EmbeddingDefense", "DefenseError"]
+__all__ = ["GradientDefense", "DefendedOptimizer", "GradientPlan", "EmbeddingDefense", "DefenseError", "DefenseSettings"]

@@ -1,57 +1,54 @@
-"""Spectral noise on shared embeddings (vertical FL, split learning) — THEORY §5.
+"""Noise on shared embeddings (vertical FL, split learning) — THEORY §5.
 
 :class:`EmbeddingDefense` is a removable forward hook on the client's bottom model: every embedding it
-sends gets per-sample noise shaped in that sample's own left singular basis of ``∂h/∂x``::
+sends gets per-sample noise planned in that sample's own left singular basis of ``∂h/∂x``::
 
     defense = EmbeddingDefense(bottom, budget=0.1).attach()   # bottom(x) now returns h(x) + noise
     ...
     defense.detach()                                          # the hook is gone
 
-The embedding is small (``m`` ≪ ``d``), so by default the full Jacobian is built from ``m`` VJPs per sample
-and the allocation uses the whole spectrum; past ``exact_max_dim`` the top-k estimator is used.
+Every batch runs the same pipeline as :class:`~invdefend.GradientDefense` — capture (the hook) → estimate →
+plan → draw → record — with each sample its own probe. The embedding is small (``m`` ≪ ``d``), so by
+default the whole spectrum is taken up to ``m = 256`` (``exact_max_dim``) and the top-k estimator beyond.
 The noise is a constant added to the output, so gradients still flow to the bottom model and the top
 model trains on the noisy embeddings. Fails closed like :class:`~invdefend.defense.GradientDefense`.
 """
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..jacobian import embedding_jacobian
-from ..mechanisms import NoiseSource, make_noise_source, shaped_noise, water_filling, water_filling_for_target
 from ..monitor import ReleaseRecord, RiskMonitor
-from ..risk import DEFAULT_RHO, NoiseModel, default_prior_variance, invloss, leakage, predicted_psnr
-from ..spectral import Spectrum, exact_spectrum, topk_spectrum
-from .common import (
-    DefenseError, check_batch, check_budget, check_model, check_noise_settings, estimator_error, target_invloss,
-)
+from ..noise import NoiseSource, make_noise_source, shaped_noise
+from ..noise_law import NoiseCovariance
+from ..placements import NoisePlan, Placement, PlanContext
+from ..risk import NoiseModel, invloss, leakage, predicted_psnr
+from ..spectral import Spectrum, SpectrumTracker, check_estimate, estimator_error
+from .checks import DefenseError, check_batch, check_model
+from .settings import DefenseSettings, SettingsAccess
 
 __all__ = ["EmbeddingDefense"]
 
 
-class EmbeddingDefense:
-    """Adaptive per-sample spectral noise on the embeddings a bottom model sends.
+class EmbeddingDefense(SettingsAccess):
+    """Adaptive per-sample noise on the embeddings a bottom model sends.
 
     Args:
         bottom: the client's model up to the cut layer; its output ``(B, ...)`` is the embedding.
-        budget: per-sample noise energy relative to ``‖h(x)‖²``, > 0.
-        target_psnr: if set, per sample the smallest energy (up to ``max_budget``) whose predicted PSNR is at
-            most this many dB.
-        floor: isotropic noise energy relative to ``‖h(x)‖²`` (0 to disable).
-        mechanism: ``"spectral"``, ``"isotropic"`` (same energy, spread evenly) or ``"monitor"`` (no noise).
-        k: directions estimated when ``m > exact_max_dim`` (the whole spectrum is used otherwise).
-        fallback_budget: relative energy of the conservative isotropic noise on failure (default
-            ``10·budget``, at least 0.5).
-        active_in_eval: also protect embeddings computed in eval mode (inference also sends them).
-        rho, v0, dynamic_range, generator, seed, secure_rng, monitor, writer, callbacks: as for
-            :class:`~invdefend.defense.GradientDefense`.
+        settings: a :class:`~invdefend.defense.DefenseSettings` (default: the embedding defaults, see
+            :data:`~invdefend.defense.settings.EMBEDDING_DEFAULTS`); any field may also be passed as a keyword.
+            ``budget`` is per-sample energy relative to ``‖h(x)‖²``; ``mechanism`` is ``"spectral"``,
+            ``"isotropic"``, ``"monitor"`` or a registered placement supporting embeddings; ``fallback_budget``
+            defaults to ``max(10·budget, 0.5)``; ``active_in_eval`` also protects embeddings computed in eval
+            mode (inference also sends them). ``max_sweeps`` is accepted for ``sweeps = cold_sweeps``.
+        placement, generator, monitor, writer, callbacks: as for :class:`~invdefend.defense.GradientDefense`.
     """
 
     kind = "embedding"
@@ -59,58 +56,47 @@ class EmbeddingDefense:
     def __init__(
         self,
         bottom: nn.Module,
+        settings: DefenseSettings | None = None,
         *,
-        budget: float = 0.1,
-        target_psnr: float | None = None,
-        max_budget: float = 10.0,
-        floor: float = 0.0,
-        mechanism: Literal["spectral", "isotropic", "monitor"] = "spectral",
-        k: int = 32,
-        exact_max_dim: int = 256,
-        max_sweeps: int = 8,
-        max_residual: float = 0.5,
-        fallback_budget: float | None = None,
-        active_in_eval: bool = True,
-        rho: float = DEFAULT_RHO,
-        v0: float | None = None,
-        dynamic_range: float = 1.0,
+        placement: Placement | None = None,
         generator: torch.Generator | None = None,
-        seed: int | None = None,
-        secure_rng: bool = False,
         monitor: RiskMonitor | None = None,
         writer: Any | None = None,
         callbacks: Iterable[Callable[[ReleaseRecord], None]] = (),
+        **overrides: Any,
     ) -> None:
-        check_noise_settings("EmbeddingDefense", mechanism, budget, max_budget, floor,
-                             mechanisms=("spectral", "isotropic", "monitor"))  # no band_pass for embeddings
-        if k < 1:
-            raise ValueError(f"invdefend.EmbeddingDefense: k={k} must be >= 1")
+        if "max_sweeps" in overrides:  # the embedding estimate is always cold: one sweep limit
+            overrides["sweeps"] = overrides["cold_sweeps"] = overrides.pop("max_sweeps")
+        self.settings = DefenseSettings.resolve(settings, self.kind, overrides).validated("EmbeddingDefense", self.kind)
         check_model("EmbeddingDefense", bottom)  # half precision: refuse now, not at every batch
+        s = self.settings
         self.bottom = bottom
-        self.budget = float(budget)
-        self.v0 = default_prior_variance(dynamic_range) if v0 is None else float(v0)
-        self.dynamic_range = float(dynamic_range)
-        self.target_psnr = target_psnr
-        self._target_il = None if target_psnr is None else target_invloss(target_psnr, self.dynamic_range, self.v0)
-        self.max_budget = float(max_budget)
-        self.floor = float(floor)
-        self.mechanism = mechanism
-        self.k, self.exact_max_dim, self.max_sweeps = int(k), int(exact_max_dim), int(max_sweeps)
-        self.max_residual = float(max_residual)
-        self.fallback_budget = float(fallback_budget) if fallback_budget is not None else max(10 * self.budget, 0.5)
-        check_budget("EmbeddingDefense", "fallback_budget", self.fallback_budget)
-        self.active_in_eval = active_in_eval
-        self.rho = float(rho)
-        self.noise: NoiseSource = make_noise_source(generator, seed, secure_rng)
-        self._estimator_gen = torch.Generator().manual_seed(0 if seed is None else int(seed) + 1)
+        self.placement: Placement = placement if placement is not None else s.placement(self.kind, "EmbeddingDefense")
+        self.noise: NoiseSource = make_noise_source(generator, s.seed, s.secure_rng)
+        self.estimator_generator = torch.Generator().manual_seed(0 if s.seed is None else int(s.seed) + 1)
+        self.estimator = SpectrumTracker(
+            s.k, exact_max_dim=s.exact_max_dim, oversample=s.oversample, sweeps=s.sweeps, cold_sweeps=s.cold_sweeps,
+            max_residual=s.max_residual, warm_start=False, generator=self.estimator_generator,
+        )
         self.monitor = monitor or RiskMonitor(writer, callbacks=callbacks)
         self.step = 0
+        self.last_record: ReleaseRecord | None = None
+        self._laws: list[NoiseCovariance] | None = None
         self._handle: torch.utils.hooks.RemovableHandle | None = None
         self._busy = False
-        self.estimate_hook: Callable[[], None] | None = None  # test seam: runs inside estimation
-        self.last_record: ReleaseRecord | None = None
 
-    # -- hook management ----------------------------------------------------------------------------------
+    @property
+    def mechanism(self) -> str:
+        """The placement's registered name."""
+        return self.placement.name
+
+    def noise_law(self) -> list[NoiseCovariance | None] | None:
+        """The law of the noise the last batch carried: one :class:`~invdefend.noise_law.NoiseCovariance` per
+        sample (its own basis and variances; None for a sample that got no noise, and None for the batch
+        before any batch or when no noise was added). A fallback batch's laws are isotropic."""
+        return self._laws
+
+    # -- capture (the hook) -------------------------------------------------------------------------------
     def attach(self) -> "EmbeddingDefense":
         """Register the forward hook on the bottom model; returns self."""
         if self._handle is None:
@@ -142,27 +128,23 @@ class EmbeddingDefense:
             )
         return self.protect(args[0], output)
 
-    # -- the release --------------------------------------------------------------------------------------
-    def _estimate(self, inputs: Tensor) -> Spectrum:
+    # -- estimate and plan --------------------------------------------------------------------------------
+    def estimate(self, inputs: Tensor) -> Spectrum:
+        """Every sample's spectrum of ``∂h/∂x`` by :attr:`estimator`, trusted
+        (:func:`~invdefend.spectral.check_estimate`) or raising."""
         self._busy = True
         try:
             with torch.enable_grad():
-                op = embedding_jacobian(self.bottom, inputs)
-                if op.out_dim <= self.exact_max_dim:
-                    spec = exact_spectrum(op)
-                else:
-                    spec = topk_spectrum(op, self.k, max_sweeps=self.max_sweeps, generator=self._estimator_gen)
+                spec = self.estimator.estimate(embedding_jacobian(self.bottom, inputs))
         finally:
             self._busy = False
-        if self.estimate_hook is not None:
-            self.estimate_hook()
-        if not spec.is_finite():
-            raise FloatingPointError("the estimated spectrum contains NaN/Inf")
-        worst = estimator_error(spec)  # backward error relative to σ₁², as for GradientDefense
-        if not math.isfinite(worst) or worst > self.max_residual:
-            raise RuntimeError(f"the estimator did not converge (error {worst:.3g} > max_residual {self.max_residual})")
-        return spec
+        return check_estimate(spec, self.max_residual)
 
+    def plan_for(self, spec: Spectrum, energy: Tensor) -> NoisePlan:
+        """Each sample's plan (absolute variances) for signal energies ``‖h_b‖²`` ``(B,)``."""
+        return self.placement.plan(PlanContext(spec, 1.0, energy, 1, self.v0, self.rho, energy.dtype))
+
+    # -- the release --------------------------------------------------------------------------------------
     def protect(self, inputs: Tensor, embeddings: Tensor) -> Tensor:
         """``embeddings + noise`` for a batch whose clean embeddings are ``bottom(inputs)``; records it."""
         check_batch("EmbeddingDefense", inputs)
@@ -181,19 +163,23 @@ class EmbeddingDefense:
         energy = h.double().pow(2).sum(dim=1).to(h.dtype)  # (B,)
         fallback_reason = ""
         spec: Spectrum | None = None
+        plan: NoisePlan | None = None
         t0 = time.perf_counter()
         try:
-            spec = self._estimate(inputs.detach())
+            spec = self.estimate(inputs.detach())
+            plan = self.plan_for(spec, energy)
         except Exception as exc:  # fail closed
             fallback_reason = f"{type(exc).__name__}: {exc}"
+            spec, plan = None, None
         estimate_seconds = time.perf_counter() - t0
-        extra: dict[str, Any] = {}
+        fields: dict[str, Any] = {}
         target_reached = None
-        fallback = spec is None and self.mechanism != "monitor"
-        if spec is None and not fallback:  # monitor mode: no noise by request, the failure is recorded
+        fallback = plan is None and self.placement.adds_noise
+        self._laws = None
+        if plan is None and not fallback:  # monitor mode: no noise by request, the failure is recorded
             delta = torch.zeros_like(h)
             relative_budget = 0.0
-        elif spec is None:
+        elif plan is None:
             warnings.warn(
                 f"invdefend.EmbeddingDefense step {self.step}: estimation failed ({fallback_reason}); "
                 f"releasing with conservative isotropic noise (relative energy {self.fallback_budget})",
@@ -203,40 +189,32 @@ class EmbeddingDefense:
             var = self.fallback_budget * energy / m
             delta = var.sqrt().unsqueeze(1) * self.noise.normal((B, m), h.dtype, h.device)
             relative_budget = self.fallback_budget
+            self._laws = [NoiseCovariance(sigma2_iso=float(v)) for v in var]
         else:
-            s = spec.singular_values.to(h.dtype)
-            ref = (self.rho * spec.signal_norm.to(h.dtype)) ** 2 / m
-            iso = self.floor * energy / m
-            if self.mechanism == "isotropic":
-                iso = iso + self.budget * energy / m
-            tau = torch.zeros_like(s)
-            if self.mechanism == "spectral":
-                if self._target_il is None:
-                    tau = water_filling(s, self.budget * energy, self.v0, ref + iso, iterations=60)
-                else:
-                    def il_of(t: Tensor) -> Tensor:
-                        return invloss(spec, NoiseModel(isotropic=iso, shaped=t, rho=self.rho), v0=self.v0, tail="topk")
-
-                    tau, reached = water_filling_for_target(
-                        s, il_of, self._target_il, self.v0, ref + iso, max_energy=self.max_budget * energy
-                    )
-                    target_reached = bool(reached.all())
+            assert spec is not None
+            target_reached = plan.target_reached
+            tau = plan.shaped if plan.shaped is not None else torch.zeros_like(spec.singular_values.to(h.dtype))
+            iso = plan.isotropic
             delta = torch.zeros_like(h)
-            if self.mechanism == "spectral":
-                delta = delta + shaped_noise(spec.left_vectors.to(h.dtype), tau, self.noise)
+            if plan.shaped is not None:
+                delta = delta + shaped_noise(spec.left_vectors.to(h.dtype), plan.shaped, self.noise)
             if bool((iso > 0).any()):
                 delta = delta + iso.sqrt().unsqueeze(1) * self.noise.normal((B, m), h.dtype, h.device)
             relative_budget = float(((tau.sum(dim=1) + iso * m) / energy.clamp_min(1e-300)).mean())
-            noisy = invloss(spec, NoiseModel(isotropic=iso, shaped=tau, rho=self.rho), v0=self.v0, tail="topk")
+            noisy = invloss(spec, plan.noise_model(self.rho), v0=self.v0, tail="topk")
             clean = invloss(spec, NoiseModel(rho=self.rho), v0=self.v0, tail="topk")
-            extra = dict(
+            fields = dict(
                 predicted_psnr=predicted_psnr(noisy, self.dynamic_range).tolist(),
                 leakage=leakage(noisy, self.v0).tolist(),
                 undefended_predicted_psnr=predicted_psnr(clean, self.dynamic_range).tolist(),
                 singular_values=spec.singular_values.reshape(-1).double().tolist(),
                 sweeps=spec.sweeps,
                 max_residual=estimator_error(spec),
+                estimator_start=spec.extra.get("start", ""),
             )
+            if self.placement.adds_noise and (plan.shaped is not None or bool((iso > 0).any())):
+                self._laws = [_sample_law(float(iso[b]), spec.left_vectors[b],
+                                          None if plan.shaped is None else plan.shaped[b]) for b in range(B)]
         rel = (delta.double().pow(2).sum(dim=1) / energy.double().clamp_min(1e-300)).mean()
         record = ReleaseRecord(
             kind=self.kind,
@@ -248,8 +226,9 @@ class EmbeddingDefense:
             fallback=fallback,
             fallback_reason=fallback_reason,
             target_reached=target_reached,
-            extra={"batch_size": B, "estimate_seconds": estimate_seconds},
-            **extra,
+            batch_size=B,
+            estimate_seconds=estimate_seconds,
+            **fields,
         )
         self.last_record = record
         self.monitor.emit(record)
@@ -259,10 +238,19 @@ class EmbeddingDefense:
     # -- state --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Step counter and noise/estimator generator states."""
-        return {"step": self.step, "noise": self.noise.state_dict(), "estimator_generator": self._estimator_gen.get_state()}
+        return {"step": self.step, "noise": self.noise.state_dict(),
+                "estimator_generator": self.estimator_generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         self.step = int(state["step"])
         self.noise.load_state_dict(state["noise"])
-        self._estimator_gen.set_state(state["estimator_generator"])
+        self.estimator_generator.set_state(state["estimator_generator"])
+
+
+def _sample_law(isotropic: float, basis: Tensor, shaped: Tensor | None) -> NoiseCovariance | None:
+    """One sample's law, or None when it got no noise at all (water-filling can leave a sample too strong to
+    hide at its budget, and no floor)."""
+    if shaped is None or float(shaped.max()) <= 0:
+        return NoiseCovariance(sigma2_iso=isotropic) if isotropic > 0 else None
+    return NoiseCovariance(sigma2_iso=isotropic, basis=basis.double(), tau=shaped.double())

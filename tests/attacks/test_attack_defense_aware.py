@@ -72,7 +72,7 @@ def test_sample_has_the_covariance() -> None:
 
 def test_noise_covariance_validation() -> None:
     u = torch.randn(10, 2)
-    with pytest.raises(ValueError, match="invdefend.attacks.NoiseCovariance.*negative"):
+    with pytest.raises(ValueError, match="invdefend.noise_law.NoiseCovariance.*negative"):
         NoiseCovariance(1.0, u, torch.tensor([1.0, -1.0]))
     with pytest.raises(ValueError, match="together"):
         NoiseCovariance(1.0, u, None)

@@ -1,4 +1,8 @@
-"""invdefend.audit: the attack audit (report, files, CLI) and the fidelity study's statistics."""
+"""invdefend.audit: the attack audit (report, files, CLI).
+
+The rank statistics are tested in tests/test_stats.py, the fidelity study's calibration helpers in
+tests/test_fidelity.py.
+"""
 
 from __future__ import annotations
 
@@ -10,23 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy import stats
 
+from invdefend import audit as audit_module
+from invdefend import stats
 from invdefend.attacks import model_gradient
-from invdefend.audit import (
-    RHO_GRID,
-    audit,
-    calibrate_rho,
-    calibration_split,
-    pearson,
-    released_gradient,
-    save_audit,
-    spearman,
-)
+from invdefend.audit import audit, released_gradient, save_audit
 from invdefend.cli import main
 from invdefend.data import load_digits_tensors
 from invdefend.models import LeNet
-from invdefend.risk import invloss_from_values, predicted_psnr, reference_noise
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -46,52 +41,10 @@ def _tiny() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     return model, x[:2], y[:2]
 
 
-def test_rank_statistics_match_scipy() -> None:
-    gen = torch.Generator().manual_seed(1)
-    a = torch.randn(40, generator=gen).tolist()
-    b = (torch.tensor(a) + 0.7 * torch.randn(40, generator=gen)).tolist()
-    b[3] = b[5]  # a tie
-    assert spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-12)
-    assert pearson(a, b) == pytest.approx(stats.pearsonr(a, b).statistic, abs=1e-12)
-    assert math.isnan(pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
-
-
-def test_calibration_split_is_disjoint_stratified_and_complete() -> None:
-    sizes = [14, 10, 20]
-    cal, held = calibration_split(sizes, 4, seed=3)
-    assert not set(cal) & set(held)
-    assert set(cal) | set(held) == {(g, i) for g, n in enumerate(sizes) for i in range(n)}
-    assert [sum(1 for g, _ in cal if g == k) for k in range(3)] == [4, 4, 4]
-    assert calibration_split(sizes, 4, seed=3) == (cal, held)  # seeded
-    assert calibration_split(sizes, 4, seed=4)[0] != cal
-    with pytest.raises(ValueError, match="nothing would be held out"):
-        calibration_split([4, 10], 4)
-
-
-def _synthetic(rho: float, n: int = 30, seed: int = 0) -> list[float]:
-    """Predicted PSNR of ``n`` synthetic spectra of different shapes and signal norms under ``rho``."""
-    gen = torch.Generator().manual_seed(seed)
-    d, m = 64, 500
-    decay = torch.rand(n, 1, generator=gen, dtype=torch.float64) * 0.2 + 0.02
-    scale = 10 ** (2 * torch.rand(n, 1, generator=gen, dtype=torch.float64))
-    s = scale * torch.exp(-decay * torch.arange(d, dtype=torch.float64))
-    norm = scale.squeeze(1) * (0.5 + torch.rand(n, generator=gen, dtype=torch.float64))
-    tau = reference_noise(norm, m, rho).unsqueeze(1)
-    il = invloss_from_values(s, tau, in_dim=d, v0=1 / 12, rank_bound=d)
-    return predicted_psnr(il).tolist()
-
-
-def test_calibrate_rho_recovers_the_precision_that_generated_the_attacks() -> None:
-    true_rho = RHO_GRID[7]
-    attacked = _synthetic(true_rho)  # the "attacks" behave exactly as InvRE at true_rho
-    rho, scores = calibrate_rho(lambda r: (_synthetic(r), attacked), criterion="mse")
-    assert rho == pytest.approx(true_rho)
-    assert scores[rho] == pytest.approx(0.0, abs=1e-18)
-    assert min(scores.values()) == scores[rho]
-    rho_s, _ = calibrate_rho(lambda r: (_synthetic(r), attacked), criterion="spearman")
-    assert spearman(_synthetic(rho_s), attacked) == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="criterion"):
-        calibrate_rho(lambda r: ([], []), criterion="r2")
+def test_audit_reexports_the_rank_statistics_of_invdefend_stats() -> None:
+    assert audit_module.spearman is stats.spearman and audit_module.pearson is stats.pearson
+    assert {"spearman", "pearson"} <= set(audit_module.__all__)
+    assert not {"calibration_split", "calibrate_rho", "RHO_GRID"} & set(audit_module.__all__)
 
 
 def test_released_gradient_is_exact_without_defense_and_noisy_with_one() -> None:
@@ -192,7 +145,7 @@ def test_released_gradient_band_pass_law_and_prediction() -> None:
     F.cross_entropy(twin(x1), y1).backward()
     record = guard.protect()
     guard.detach()
-    assert record.extra["risk_noise_model"] == "floor_only"
+    assert record.risk_noise_model == "floor_only"
     floor_only = float(record.predicted_psnr[0])
     assert math.isfinite(pred) and pred < floor_only and pred < pred_none
     with pytest.raises(ValueError, match="floor"):

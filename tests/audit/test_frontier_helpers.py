@@ -1,9 +1,9 @@
-"""Unit tests of :func:`invdefend.mechanisms.placement_variances` (the frontier study's noise placements)."""
+"""Unit tests of :func:`invdefend.allocation.placement_variances` (the frontier study's noise placements)."""
 
 import pytest
 import torch
 
-from invdefend.mechanisms import placement_variances
+from invdefend.allocation import placement_variances
 
 
 def test_weak25_spreads_energy_evenly_on_the_weakest_quarter_only():

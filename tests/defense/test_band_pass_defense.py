@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-import invdefend.defense.gradient as gradient_module
+import invdefend.placements.band_pass as band_pass_module
 from invdefend.defense import EmbeddingDefense, GradientDefense
 from invdefend.jacobian import gradient_jacobian
 from invdefend.models import MLP
+from inject import after_estimate
 from tiny_problems import flat_grad, set_grad
 from tiny_problems import make_problem as _make_problem
 
@@ -50,7 +51,7 @@ def test_noise_lies_in_the_probes_jacobian_range_with_exactly_the_budgets_energy
         G = float(g @ g)
         # Reproduce this step's probe choice (a refresh first draws the estimator's probes from the same
         # generator, so only the steps in between can be reproduced this simply).
-        probe_state = defense._probe_gen.get_state()
+        probe_state = defense.probe_generator.get_state()
         record = defense.protect()
         delta = flat_grad(model) - g
         assert not record.fallback and record.mechanism == "band_pass"
@@ -58,7 +59,7 @@ def test_noise_lies_in_the_probes_jacobian_range_with_exactly_the_budgets_energy
         assert float(delta @ delta) / G == pytest.approx(budget, rel=1e-10)
         assert record.relative_energy == pytest.approx(budget, rel=1e-10)
         assert record.budget == pytest.approx(budget)
-        assert len(record.extra["band_pass_mu"]) == 2 and all(mu > 0 for mu in record.extra["band_pass_mu"])
+        assert len(record.noise_parameters["band_pass_mu"]) == 2 and all(mu > 0 for mu in record.noise_parameters["band_pass_mu"])
         assert defense._inputs.shape[0] == BATCH  # the draw's own forwards were not captured
         Q_all = range_basis(model, crit, x, y)
         assert Q_all.shape[1] < g.numel()  # the batch's ranges are a genuine subspace of parameter space
@@ -81,7 +82,7 @@ def test_all_samples_as_probes_and_the_conservative_risk_record() -> None:
     assert float((delta - Q @ (Q.T @ delta)).norm()) <= 1e-8 * float(delta.norm())
     assert record.relative_energy == pytest.approx(0.5, rel=1e-10)
     # floor_only: the band-pass noise is not counted, so with floor=0 the risk is the undefended one.
-    assert record.extra["risk_noise_model"] == "floor_only"
+    assert record.risk_noise_model == "floor_only"
     assert record.predicted_psnr == pytest.approx(record.undefended_predicted_psnr)
     floored = GradientDefense(model, crit, mechanism="band_pass", budget=0.5, floor=0.5, k=4, probes=2, seed=3,
                               capture=False)
@@ -132,7 +133,7 @@ def test_a_failed_draw_releases_that_step_under_fallback_noise(monkeypatch, how:
     g = clean_grad(model, crit, x, y)
     G = float(g @ g)
     assert not defense.protect().fallback
-    monkeypatch.setattr(gradient_module, "band_pass_noise", _Broken(how))
+    monkeypatch.setattr(band_pass_module, "band_pass_noise", _Broken(how))
     set_grad(model, g)
     with pytest.warns(RuntimeWarning, match="estimation failed .*band-pass.*conservative isotropic noise"):
         record = defense.protect()
@@ -162,7 +163,7 @@ def test_a_failed_estimate_keeps_the_band_pass_noise_and_records_no_risk(caplog)
         if defense.step in fail:
             raise RuntimeError("injected estimation failure")
 
-    defense.estimate_hook = hook
+    after_estimate(defense, hook)
     g = clean_grad(model, crit, x, y)
     records, released = [], []
     caplog.set_level(logging.WARNING, logger="invdefend")
@@ -179,7 +180,7 @@ def test_a_failed_estimate_keeps_the_band_pass_noise_and_records_no_risk(caplog)
     assert not any(r.fallback for r in records)
     assert all(r.mechanism == "band_pass" for r in records)
     assert [r.refreshed for r in records] == [True, True, False, True, False]  # retries at 1, then 3
-    assert [bool(r.extra.get("risk_estimate_failed")) for r in records] == [True, True, True, False, False]
+    assert [bool(r.risk_estimate_failed) for r in records] == [True, True, True, False, False]
     assert records[0].predicted_psnr is None or records[0].predicted_psnr == []
     assert records[3].predicted_psnr  # recorded again once an estimate succeeds
     gnorm2 = float(g.pow(2).sum())
@@ -204,8 +205,7 @@ def _run(seed: int, steps: int, model_seed: int = 0, state=None, start: int = 0)
         order.set_state(state["order"])
     released, records = [], []
     defense.monitor.subscribe(
-        lambda r: records.append({k: v for k, v in r.to_dict().items() if k != "extra"}
-                                 | {"mu": r.extra.get("band_pass_mu")})
+        lambda r: records.append({k: v for k, v in r.to_dict().items() if not k.endswith("seconds")})
     )
     for _ in range(start, steps):
         idx = torch.randint(0, 24, (BATCH,), generator=order)

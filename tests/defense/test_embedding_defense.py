@@ -13,6 +13,7 @@ from invdefend.defense import DefenseError, EmbeddingDefense
 from invdefend.jacobian import embedding_jacobian
 from invdefend.models import MLP, SplitModel
 from invdefend.spectral import exact_spectrum
+from inject import after_estimate
 
 
 def bottom_model(seed: int = 0, d: int = 6, m: int = 10) -> nn.Module:
@@ -120,7 +121,7 @@ def test_estimation_failure_falls_back_to_conservative_noise() -> None:
     def fail() -> None:
         raise RuntimeError("injected failure")
 
-    defense.estimate_hook = fail
+    after_estimate(defense, fail)
     defense.detach()
     clean = bottom(x).detach()
     defense.attach()
@@ -134,7 +135,7 @@ def test_estimation_failure_falls_back_to_conservative_noise() -> None:
     assert rec.relative_energy == pytest.approx(float(rel.mean()), rel=1e-9)
     # In monitor mode (no noise by request) a failed estimate is recorded and nothing is added.
     monitor = EmbeddingDefense(bottom, mechanism="monitor", seed=2, callbacks=[seen.append])
-    monitor.estimate_hook = fail
+    after_estimate(monitor, fail)
     defense.detach()
     monitor.attach()
     assert torch.equal(bottom(x).detach(), clean)

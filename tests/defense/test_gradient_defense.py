@@ -14,6 +14,7 @@ from torch import nn
 from invdefend.defense import DefendedOptimizer, DefenseError, GradientDefense
 from invdefend.models import MLP
 from invdefend.risk import NoiseModel, invloss, predicted_psnr
+from inject import after_estimate
 from tiny_problems import flat_grad, make_problem, set_grad
 
 
@@ -138,7 +139,7 @@ def test_estimation_failure_falls_back_to_conservative_noise_and_logs_it(caplog)
             failures["left"] -= 1
             raise RuntimeError("injected estimation failure")
 
-    defense.estimate_hook = flaky
+    after_estimate(defense, flaky)
     opt = defense.wrap(torch.optim.SGD(model.parameters(), lr=0.0))  # lr 0: the same gradient every step
     noises = []
     with caplog.at_level(logging.WARNING, logger="invdefend"), warnings.catch_warnings(record=True) as caught:
@@ -309,7 +310,7 @@ def test_refresh_schedule_and_warm_start() -> None:
         opt.step()
     recs = defense.monitor.history
     assert [r.step for r in recs if r.refreshed] == [0, 3, 6]
-    starts = [r.extra["estimator_start"] for r in recs if r.refreshed]
+    starts = [r.estimator_start for r in recs if r.refreshed]
     assert starts[0] == "cold" and all(s.startswith("warm") for s in starts[1:])
     assert all(r.predicted_psnr == [] for r in recs if not r.refreshed)
     assert all(0 <= r.max_residual <= defense.max_residual for r in recs if r.refreshed)
@@ -413,13 +414,13 @@ def test_left_subspace_warm_start_beats_a_cold_start_on_new_probes() -> None:
         g = [p.grad.clone() for p in model.parameters()]
         rec = warm.protect()
         if step:
-            assert rec.extra["estimator_start"] == "warm"
+            assert rec.estimator_start == "warm"
             warm_err.append(rec.max_residual)
             for p, gp in zip(model.parameters(), g):
                 p.grad = gp
             cold = GradientDefense(model, crit, k=8, cold_sweeps=1, max_residual=1e9, seed=step, capture=False)
             cold.capture(xb, yb)
             rec_cold = cold.protect()
-            assert rec_cold.extra["estimator_start"] == "cold"
+            assert rec_cold.estimator_start == "cold"
             cold_err.append(rec_cold.max_residual)
     assert sum(warm_err) < 0.75 * sum(cold_err), (warm_err, cold_err)

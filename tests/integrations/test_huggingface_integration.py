@@ -11,7 +11,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from invdefend.data import digits_split  # noqa: E402
-from invdefend.defense.common import DefenseError  # noqa: E402
+from invdefend import DefenseError  # noqa: E402
 from invdefend.integrations.huggingface import GradientDefenseCallback  # noqa: E402
 
 pytestmark = pytest.mark.slow

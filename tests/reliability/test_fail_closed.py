@@ -1,6 +1,6 @@
 """Fail closed: an estimator failure never lets an unprotected gradient or embedding out.
 
-Failures are injected on chosen steps in three ways — the estimator raises (``estimate_hook``), returns a
+Failures are injected on chosen steps in three ways — the estimator raises (through the defense's ``estimator`` seam), returns a
 NaN spectrum, or does not converge (huge residuals) — and every step of a short training run is checked:
 the released quantity differs from the true one; on the failed steps it carries the conservative isotropic
 noise (relative energy ≈ ``fallback_budget``), a ``RuntimeWarning`` was issued, a ``fallback=True`` record
@@ -18,8 +18,8 @@ import pytest
 import torch
 from torch import nn
 
-import invdefend.defense.embedding as embedding_module
-import invdefend.defense.gradient as gradient_module
+from inject import wrap_estimate
+
 from invdefend import DefenseError, EmbeddingDefense, GradientDefense
 
 STEPS = 10
@@ -28,27 +28,20 @@ FALLBACK = 0.5
 KINDS = ["raise", "nan", "diverge"]
 
 
-def _inject(kind: str, defense, module, monkeypatch, name: str) -> None:
-    """Make the defense's estimate fail on the steps in FAIL, in the way ``kind`` says."""
-    if kind == "raise":
+def _inject(kind: str, defense) -> None:
+    """Make the defense's estimate fail on the steps in FAIL, in the way ``kind`` says, through its public
+    ``estimator`` seam."""
 
-        def hook() -> None:
-            if defense.step in FAIL:
-                raise RuntimeError("injected estimator failure")
-
-        defense.estimate_hook = hook
-        return
-    real = getattr(module, name)
-
-    def broken(*args, **kwargs):
-        spec = real(*args, **kwargs)
+    def broken(spec):
         if defense.step not in FAIL:
             return spec
+        if kind == "raise":
+            raise RuntimeError("injected estimator failure")
         if kind == "nan":
             return dataclasses.replace(spec, singular_values=torch.full_like(spec.singular_values, math.nan))
         return dataclasses.replace(spec, residuals=torch.full_like(spec.singular_values, 1e6))  # diverged
 
-    monkeypatch.setattr(module, name, broken)
+    wrap_estimate(defense, broken)
 
 
 def _fallback_warnings(caught: list) -> list:
@@ -62,7 +55,7 @@ def test_gradient_defense_never_releases_an_unprotected_gradient(kit, kind, refr
     defense = GradientDefense(
         model, loss, budget=0.05, fallback_budget=FALLBACK, k=4, refresh_every=refresh_every, seed=0
     )
-    _inject(kind, defense, gradient_module, monkeypatch, "topk_spectrum")
+    _inject(kind, defense)
     opt = defense.wrap(torch.optim.SGD(model.parameters(), lr=0.05))  # SGD leaves .grad as released
     caplog.set_level(logging.WARNING, logger="invdefend")
     for step in range(STEPS):
@@ -107,7 +100,7 @@ def test_a_failed_refresh_is_retried_at_the_next_step(kit, monkeypatch):
     """Refreshes at 0 and 5 (refresh_every=5); step 5's fails, so step 6 estimates again and succeeds."""
     model, loss = kit.make_classifier(seed=2), nn.CrossEntropyLoss()
     defense = GradientDefense(model, loss, budget=0.05, fallback_budget=FALLBACK, k=4, refresh_every=5, seed=0)
-    _inject("raise", defense, gradient_module, monkeypatch, "topk_spectrum")
+    _inject("raise", defense)
     records = []
     for step in range(STEPS):
         x, y = kit.make_batch(6, seed=step)
@@ -140,7 +133,7 @@ def test_embedding_defense_protects_every_batch(kit, kind, monkeypatch, caplog):
     reference = kit.make_bottom(seed=3)  # identical weights, never defended
     # exact_max_dim=0 routes the estimate through the top-k estimator, whose convergence can fail
     defense = EmbeddingDefense(bottom, budget=0.1, fallback_budget=FALLBACK, k=kit.EMB, exact_max_dim=0, seed=0)
-    _inject(kind, defense, embedding_module, monkeypatch, "topk_spectrum")
+    _inject(kind, defense)
     defense.attach()
     caplog.set_level(logging.WARNING, logger="invdefend")
     for step in range(STEPS):

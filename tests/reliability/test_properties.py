@@ -105,8 +105,8 @@ def test_embedding_defense_noise_energy_matches_the_budget(n, budget, dtype):
     defense = EmbeddingDefense(bottom, budget=budget, seed=0)
     x, _ = _batch((6,), n, dtype, seed=n)
     h = bottom(x).detach()
-    spec = defense._estimate(x)
-    defense._estimate = lambda inputs: spec  # the same batch: estimate once, draw the noise many times
+    spec = defense.estimate(x)
+    defense.estimate = lambda inputs: spec  # the same batch: estimate once, draw the noise many times
     energies = []
     for _ in range(100):
         noisy = defense.protect(x, h)

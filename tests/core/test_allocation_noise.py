@@ -1,4 +1,5 @@
-"""Water-filling optimality, target mode, band-pass noise covariance and noise sources."""
+"""Water-filling optimality and target mode (allocation), band-pass noise covariance (placements.band_pass)
+and noise sources (noise)."""
 
 import math
 
@@ -9,14 +10,9 @@ from scipy.optimize import minimize
 from torch import nn
 
 from invdefend.jacobian import embedding_jacobian
-from invdefend.mechanisms import (
-    SecureNoise,
-    SeededNoise,
-    band_pass_noise,
-    shaped_noise,
-    water_filling,
-    water_filling_for_target,
-)
+from invdefend.allocation import water_filling, water_filling_for_target
+from invdefend.noise import SecureNoise, SeededNoise, shaped_noise
+from invdefend.placements.band_pass import band_pass_noise
 from invdefend.spectral import exact_spectrum
 
 V0 = 1.0 / 12

@@ -1,0 +1,193 @@
+"""The one settings object both defenses share, validated once, with each defense's defaults."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
+
+from ..placements import Placement, compose, get_placement
+from ..risk import DEFAULT_RHO, default_prior_variance, target_invloss
+
+__all__ = ["DefenseSettings", "SettingsAccess", "GRADIENT_DEFAULTS", "EMBEDDING_DEFAULTS", "check_budget"]
+
+
+def check_budget(owner: str, name: str, value: float) -> None:
+    """Raise a clear error unless ``value`` is a finite relative energy > 0."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"invdefend.{owner}: {name}={value!r} must be a finite noise energy > 0 relative to the signal's "
+            "(e.g. 0.05 for 5 %); to train without noise use mechanism='monitor'"
+        )
+
+
+def _check_int(owner: str, name: str, value: Any, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < least:
+        raise ValueError(f"invdefend.{owner}: {name}={value!r} must be an integer >= {least}")
+
+
+@dataclass(frozen=True)
+class DefenseSettings:
+    """Every setting of :class:`~invdefend.GradientDefense` and :class:`~invdefend.EmbeddingDefense`.
+
+    Noise:
+        mechanism: the registered placement (:func:`invdefend.placements.available`): ``"spectral"``
+            (water-filling on the tracked top-k subspace), ``"band_pass"`` (gradients only), ``"isotropic"``,
+            ``"monitor"`` (no noise; risk still recorded), or one you registered.
+        budget: noise energy relative to the signal's (``‖ḡ‖²``, or ``‖h(x)‖²`` per sample), > 0.
+        target_psnr: if set, each refresh uses the least energy (up to ``max_budget``) whose predicted PSNR of
+            every probe is at most this many dB; ``budget`` is then unused.
+        max_budget: the largest relative energy target mode may use.
+        floor: isotropic energy relative to the signal's, added everywhere (0 disables it).
+        fallback_budget: relative energy of the conservative isotropic noise released when no estimate can be
+            trusted (default ``max(10·budget, fallback_minimum)``).
+        placement_options: extra keyword arguments of the placement class (a registered placement's own knobs).
+        band_pass_steps, band_pass_quantile: the band-pass placement's Lanczos steps and quantile of ``μ``.
+    Estimation:
+        k: singular triplets per probe; the exact spectrum is taken when ``min(d, m) <= max(k, exact_max_dim)``
+            (:func:`invdefend.spectral.use_exact`).
+        probes: samples of each batch whose spectrum is estimated (gradients).
+        refresh_every: steps between refreshes (gradients; the plan is reused in between).
+        sweeps, cold_sweeps, oversample: the estimator's warm and cold sweep limits and extra block columns.
+        max_residual: estimator error above which an estimate is not trusted (fail closed).
+        mode: model mode for the Jacobian (``"eval"`` or ``"train"``).
+    Risk model:
+        rho: the reference attacker precision; v0: prior variance per input coordinate (default
+        ``dynamic_range²/12``); dynamic_range: ``R`` of the inputs.
+    Noise source:
+        seed: seeds the noise and the probe choice; secure_rng: draw from ``os.urandom`` (not reproducible).
+    Embeddings:
+        active_in_eval: also protect embeddings computed in eval mode.
+    """
+
+    mechanism: str = "spectral"
+    budget: float = 0.05
+    target_psnr: float | None = None
+    max_budget: float = 1.0
+    floor: float = 0.0
+    fallback_budget: float | None = None
+    fallback_minimum: float = 0.1
+    placement_options: dict[str, Any] = field(default_factory=dict)
+    band_pass_steps: int = 24
+    band_pass_quantile: float = 0.25
+    k: int = 8
+    probes: int = 2
+    refresh_every: int = 100
+    sweeps: int = 2
+    cold_sweeps: int = 6
+    oversample: int = 4
+    exact_max_dim: int = 0
+    max_residual: float = 0.5
+    mode: Literal["eval", "train"] = "eval"
+    rho: float = DEFAULT_RHO
+    v0: float | None = None
+    dynamic_range: float = 1.0
+    seed: int | None = None
+    secure_rng: bool = False
+    active_in_eval: bool = True
+
+    @classmethod
+    def for_kind(cls, kind: str, **overrides: Any) -> "DefenseSettings":
+        """The settings of a ``"gradient"`` or ``"embedding"`` defense: its defaults, then ``overrides``
+        (unknown names are refused with the list of valid ones)."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(
+                f"invdefend.DefenseSettings: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}"
+            )
+        defaults = GRADIENT_DEFAULTS if kind == "gradient" else EMBEDDING_DEFAULTS
+        return cls(**{**defaults, **overrides})
+
+    @classmethod
+    def resolve(cls, settings: "DefenseSettings | None", kind: str, overrides: dict[str, Any]) -> "DefenseSettings":
+        """``settings`` (default: ``kind``'s defaults) with ``overrides`` applied; unknown names refused."""
+        if settings is None:
+            return cls.for_kind(kind, **overrides)
+        if not isinstance(settings, DefenseSettings):
+            raise TypeError(
+                f"invdefend: settings must be a DefenseSettings, got {type(settings).__name__}; pass the settings "
+                "as keywords (budget=..., mechanism=...) or build DefenseSettings.for_kind(...)"
+            )
+        return replace(cls.for_kind(kind, **{**_fields_of(settings), **overrides}))
+
+    def validated(self, owner: str, kind: str) -> "DefenseSettings":
+        """These settings checked for ``owner`` (a ``kind`` defense), with ``v0`` and ``fallback_budget``
+        resolved; a clear ``ValueError`` naming the setting otherwise."""
+        cls = get_placement(self.mechanism, kind, owner)
+        if getattr(cls, "adds_noise", True):
+            check_budget(owner, "budget", self.budget)
+        check_budget(owner, "max_budget", self.max_budget)
+        floor = self.floor
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not math.isfinite(floor) or floor < 0:
+            raise ValueError(f"invdefend.{owner}: floor={floor!r} must be finite and >= 0 (0 disables it)")
+        for name in ("k", "probes", "refresh_every", "sweeps", "cold_sweeps"):
+            _check_int(owner, name, getattr(self, name), 1)
+        for name in ("oversample", "exact_max_dim"):
+            _check_int(owner, name, getattr(self, name), 0)
+        mr = self.max_residual
+        if isinstance(mr, bool) or not isinstance(mr, (int, float)) or not math.isfinite(mr) or mr <= 0:
+            raise ValueError(f"invdefend.{owner}: max_residual={mr!r} must be a finite number > 0")
+        if self.mode not in ("eval", "train"):
+            raise ValueError(f"invdefend.{owner}: mode={self.mode!r}; choose 'eval' or 'train'")
+        _check_int(owner, "band_pass_steps", self.band_pass_steps, 1)
+        q = self.band_pass_quantile
+        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 < q < 1.0:
+            raise ValueError(
+                f"invdefend.{owner}: band_pass_quantile={q!r} must be a number in (0, 1) (e.g. 0.25: μ at the "
+                "25th percentile of the non-zero s²)"
+            )
+        if self.target_psnr is not None and not getattr(cls, "supports_target", True) and cls.adds_noise:
+            raise ValueError(
+                f"invdefend.{owner}: target_psnr={self.target_psnr!r} is not available with "
+                f"mechanism={self.mechanism!r} (its recorded risk ignores part of its noise, so no budget can be "
+                "shown to reach a target); pass budget= (and floor=) instead"
+            )
+        fallback = self.fallback_budget if self.fallback_budget is not None \
+            else max(10 * float(self.budget), self.fallback_minimum)
+        check_budget(owner, "fallback_budget", fallback)
+        v0 = default_prior_variance(self.dynamic_range) if self.v0 is None else float(self.v0)
+        if self.target_psnr is not None:
+            target_invloss(self.target_psnr, float(self.dynamic_range), v0)  # out of range: refuse now
+        return replace(self, v0=v0, fallback_budget=float(fallback))
+
+    @property
+    def target_invloss(self) -> float | None:
+        """The InvLoss ``target_psnr`` corresponds to (None without a target)."""
+        if self.target_psnr is None:
+            return None
+        return target_invloss(self.target_psnr, float(self.dynamic_range), self.v0)
+
+    def placement(self, kind: str, owner: str) -> Placement:
+        """The placement these settings describe (:func:`invdefend.placements.compose`)."""
+        cls = get_placement(self.mechanism, kind, owner)
+        options = {**cls.options_from(self), **self.placement_options}
+        return compose(self.mechanism, kind=kind, budget=float(self.budget), floor=float(self.floor),
+                       target_invloss=self.target_invloss, max_budget=float(self.max_budget), options=options,
+                       owner=owner)
+
+
+def _fields_of(settings: DefenseSettings) -> dict[str, Any]:
+    return {f.name: getattr(settings, f.name) for f in fields(settings)}
+
+
+class SettingsAccess:
+    """Makes a defense's settings readable as its attributes (``defense.budget``), read-only."""
+
+    settings: DefenseSettings
+
+    def __getattr__(self, name: str) -> Any:
+        settings = self.__dict__.get("settings")
+        if settings is not None and name in DefenseSettings.__dataclass_fields__:
+            return getattr(settings, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+#: :class:`~invdefend.GradientDefense`'s defaults (those of :class:`DefenseSettings`).
+GRADIENT_DEFAULTS: dict[str, Any] = {}
+#: :class:`~invdefend.EmbeddingDefense`'s defaults: the whole spectrum up to ``m = 256`` (embeddings are
+#: small), more budget and fallback, cold estimates of up to 8 sweeps with 16 extra columns.
+EMBEDDING_DEFAULTS: dict[str, Any] = dict(
+    budget=0.1, max_budget=10.0, k=32, exact_max_dim=256, sweeps=8, cold_sweeps=8, oversample=16,
+    fallback_minimum=0.5,
+)

@@ -1,0 +1,45 @@
+"""Water-filling on the tracked top-k spectrum: the InvLoss-optimal allocation under an i.i.d. prior (THEORY §4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from torch import Tensor
+
+from ..allocation import water_filling
+from . import register
+from .base import NoisePlan, PlanContext, Placement
+
+__all__ = ["WaterFilling"]
+
+
+@register("spectral")
+@dataclass(frozen=True, repr=False)
+class WaterFilling(Placement):
+    """Per probe, energy ``scale·budget·energy/shares`` water-filled over its top-k left singular directions
+    (:func:`invdefend.allocation.water_filling`), on top of the reference precision and any noise placed
+    before it (``prior``, e.g. a floor). Registered as ``"spectral"``. Between refreshes the plan is reused,
+    rescaled to the step's signal energy.
+
+    A defense-aware attacker whitens this placement away on the directions it leaves noise-free
+    (``docs/frontier.md``); chain it after an isotropic floor."""
+
+    budget: float | Tensor = 0.05
+    iterations: int = 60
+
+    def plan(self, ctx: PlanContext, prior: NoisePlan | None = None) -> NoisePlan:
+        """``prior`` plus the water-filling variances along the probes' top-k left singular vectors."""
+        prior = prior if prior is not None else ctx.nothing()
+        energy = ctx.scale * self.budget * ctx.energy / ctx.shares
+        tau = water_filling(ctx.singular_values, energy, ctx.v0, ctx.reference + prior.isotropic,
+                            iterations=self.iterations)
+        return prior.add_shaped(tau)
+
+    def with_budget(self, budget: float | Tensor) -> "WaterFilling":
+        """This placement at another budget."""
+        return replace(self, budget=budget)
+
+    def describe(self) -> dict[str, Any]:
+        """Name and budget."""
+        return {"placement": self.name, "budget": self.budget}
