@@ -40,9 +40,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from invdefend import GradientDefense
+from invdefend import DefenseSettings, GradientDefense
 from invdefend.data import natural_image_patches
 from invdefend.models import LeNet
+from invdefend.placements import available
 
 BATCH = 32
 
@@ -193,13 +194,13 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{name}", type=int, default=None, help="override the GradientDefense default")
     for name in ("budget", "floor"):
         p.add_argument(f"--{name}", type=float, default=None, help="override the GradientDefense default")
-    p.add_argument("--mechanism", choices=("spectral", "band_pass", "isotropic", "monitor"), default=None,
+    p.add_argument("--mechanism", choices=available("gradient"), default=None,
                    help="GradientDefense mechanism (default: its default, 'spectral')")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     names = ("k", "probes", "sweeps", "refresh_every", "oversample", "band_pass_steps", "budget", "floor", "mechanism")
     settings = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    refresh_every = settings.get("refresh_every", GradientDefense.__init__.__kwdefaults__["refresh_every"])
+    refresh_every = settings.get("refresh_every", DefenseSettings.for_kind("gradient").refresh_every)
     rounds = args.rounds or refresh_every * (3 if args.quick else 10)
     res = measure(rounds, args.warmup, args.seed, settings=settings)
     print(f"LeNet 3x32x32, batch {BATCH}, {res['threads']} thread(s), {res['steps_measured']} measured steps each "

@@ -189,6 +189,18 @@ def test_a_new_placement_is_one_class_and_its_registration(tiny_problem) -> None
     assert target.protect().target_reached is not None
 
 
+def test_a_placement_object_is_checked_against_the_release_kind() -> None:
+    from invdefend import EmbeddingDefense
+    from invdefend.models import MLP
+    from invdefend.placements import BandPass
+
+    bottom = MLP(4, hidden=(), out_features=3, activation="tanh").double()
+    with pytest.raises(ValueError, match="supports gradient releases, not embedding"):
+        EmbeddingDefense(bottom, placement=BandPass(budget=0.1))
+    with pytest.raises(TypeError, match="placement must be"):
+        EmbeddingDefense(bottom, placement="band_pass")
+
+
 @pytest.fixture
 def tiny_problem():
     from tiny_problems import make_problem

@@ -5,8 +5,9 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..jacobian import check_dtypes, check_inputs
+from ..placements import Placement
 
-__all__ = ["DefenseError", "check_model", "check_batch"]
+__all__ = ["DefenseError", "check_model", "check_batch", "check_placement"]
 
 
 class DefenseError(RuntimeError):
@@ -26,3 +27,13 @@ def check_batch(owner: str, inputs: Tensor) -> None:
         check_inputs(owner, inputs)
     except (TypeError, ValueError) as exc:
         raise DefenseError(f"{exc}; nothing was released") from exc
+
+
+def check_placement(owner: str, placement: Placement, kind: str) -> None:
+    """Refuse a placement that is not a :class:`~invdefend.placements.Placement` or does not support ``kind``."""
+    if not isinstance(placement, Placement):
+        raise TypeError(f"invdefend.{owner}: placement must be an invdefend.placements.Placement, got "
+                        f"{type(placement).__name__}")
+    if kind not in placement.kinds:
+        raise ValueError(f"invdefend.{owner}: the {placement.name!r} placement supports {', '.join(placement.kinds)} "
+                         f"releases, not {kind}; choose one of invdefend.placements.available({kind!r})")

@@ -31,7 +31,7 @@ from ..noise_law import NoiseCovariance
 from ..placements import NoisePlan, Placement, PlanContext
 from ..risk import NoiseModel, invloss, leakage, predicted_psnr
 from ..spectral import Spectrum, SpectrumTracker, check_estimate, estimator_error
-from .checks import DefenseError, check_batch, check_model
+from .checks import DefenseError, check_batch, check_model, check_placement
 from .settings import DefenseSettings, SettingsAccess
 
 __all__ = ["EmbeddingDefense"]
@@ -72,6 +72,7 @@ class EmbeddingDefense(SettingsAccess):
         s = self.settings
         self.bottom = bottom
         self.placement: Placement = placement if placement is not None else s.placement(self.kind, "EmbeddingDefense")
+        check_placement("EmbeddingDefense", self.placement, self.kind)
         self.noise: NoiseSource = make_noise_source(generator, s.seed, s.secure_rng)
         self.estimator_generator = torch.Generator().manual_seed(0 if s.seed is None else int(s.seed) + 1)
         self.estimator = SpectrumTracker(

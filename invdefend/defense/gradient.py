@@ -66,7 +66,7 @@ from ..placements import NoisePlan, Placement, PlanContext
 from ..placements.base import gaussian_law
 from ..risk import NoiseModel, invloss, leakage, predicted_psnr
 from ..spectral import Spectrum, SpectrumTracker, check_estimate, estimator_error
-from .checks import DefenseError, check_batch, check_model
+from .checks import DefenseError, check_batch, check_model, check_placement
 from .settings import DefenseSettings, SettingsAccess
 
 __all__ = ["GradientDefense", "DefendedOptimizer", "GradientPlan"]
@@ -155,6 +155,7 @@ class GradientDefense(SettingsAccess):
         self.model = model
         self.loss_fn = loss_fn
         self.placement: Placement = placement if placement is not None else s.placement(self.kind, "GradientDefense")
+        check_placement("GradientDefense", self.placement, self.kind)
         self.noise: NoiseSource = make_noise_source(generator, s.seed, s.secure_rng)
         self.probe_generator = torch.Generator().manual_seed(0 if s.seed is None else int(s.seed) + 1)
         self.estimator = SpectrumTracker(
@@ -583,9 +584,10 @@ class GradientDefense(SettingsAccess):
         self._failures = int(state.get("failures", 0))
         self._last_failure = str(state.get("last_failure", ""))
         p = state.get("plan")
-        self._plan = None if p is None else GradientPlan.from_state(p)
+        # A checkpoint from before plans said how much operator noise they carry: re-plan at the next step.
+        self._plan = None if p is None or "operator_budget" not in p else GradientPlan.from_state(p)
         if self._plan is None and self._spectrum is not None:
-            self._next_refresh = self.step  # an old checkpoint without a plan: re-plan at the next step
+            self._next_refresh = self.step  # an old checkpoint without a (current) plan: re-plan at the next step
 
 
 class DefendedOptimizer(torch.optim.Optimizer):

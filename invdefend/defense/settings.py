@@ -109,7 +109,7 @@ class DefenseSettings:
                 f"invdefend: settings must be a DefenseSettings, got {type(settings).__name__}; pass the settings "
                 "as keywords (budget=..., mechanism=...) or build DefenseSettings.for_kind(...)"
             )
-        return replace(cls.for_kind(kind, **{**_fields_of(settings), **overrides}))
+        return cls.for_kind(kind, **{**_fields_of(settings), **overrides})
 
     def validated(self, owner: str, kind: str) -> "DefenseSettings":
         """These settings checked for ``owner`` (a ``kind`` defense), with ``v0`` and ``fallback_budget``
