@@ -26,13 +26,13 @@ from torch import Tensor, nn
 
 from ..jacobian import embedding_jacobian
 from ..monitor import ReleaseRecord, RiskMonitor
-from ..noise import NoiseSource, make_noise_source, shaped_noise
+from ..noise import NoiseSource, shaped_noise
 from ..noise_law import NoiseCovariance
 from ..placements import NoisePlan, Placement, PlanContext
 from ..risk import NoiseModel, invloss, leakage, predicted_psnr
 from ..spectral import Spectrum, SpectrumTracker, check_estimate, estimator_error
-from .checks import DefenseError, check_batch, check_model, check_placement
-from .settings import DefenseSettings, SettingsAccess
+from .checks import DefenseError, check_batch, check_model
+from .settings import DefenseSettings, SettingsAccess, pipeline_parts
 
 __all__ = ["EmbeddingDefense"]
 
@@ -67,14 +67,13 @@ class EmbeddingDefense(SettingsAccess):
     ) -> None:
         if "max_sweeps" in overrides:  # the embedding estimate is always cold: one sweep limit
             overrides["sweeps"] = overrides["cold_sweeps"] = overrides.pop("max_sweeps")
-        self.settings = DefenseSettings.resolve(settings, self.kind, overrides).validated("EmbeddingDefense", self.kind)
+        parts = pipeline_parts("EmbeddingDefense", self.kind, settings, overrides, placement, generator)
         check_model("EmbeddingDefense", bottom)  # half precision: refuse now, not at every batch
-        s = self.settings
+        self.settings = s = parts.settings
         self.bottom = bottom
-        self.placement: Placement = placement if placement is not None else s.placement(self.kind, "EmbeddingDefense")
-        check_placement("EmbeddingDefense", self.placement, self.kind)
-        self.noise: NoiseSource = make_noise_source(generator, s.seed, s.secure_rng)
-        self.estimator_generator = torch.Generator().manual_seed(0 if s.seed is None else int(s.seed) + 1)
+        self.placement: Placement = parts.placement
+        self.noise: NoiseSource = parts.noise
+        self.estimator_generator = parts.generator
         self.estimator = SpectrumTracker(
             s.k, exact_max_dim=s.exact_max_dim, oversample=s.oversample, sweeps=s.sweeps, cold_sweeps=s.cold_sweeps,
             max_residual=s.max_residual, warm_start=False, generator=self.estimator_generator,

@@ -60,14 +60,14 @@ from torch import Tensor, nn
 
 from ..jacobian import JacobianOperator, gradient_jacobian, trainable_parameters
 from ..monitor import ReleaseRecord, RiskMonitor
-from ..noise import NoiseSource, make_noise_source
+from ..noise import NoiseSource
 from ..noise_law import NoiseLaw
 from ..placements import NoisePlan, Placement, PlanContext
 from ..placements.base import gaussian_law
 from ..risk import NoiseModel, invloss, leakage, predicted_psnr
 from ..spectral import Spectrum, SpectrumTracker, check_estimate, estimator_error
-from .checks import DefenseError, check_batch, check_model, check_placement
-from .settings import DefenseSettings, SettingsAccess
+from .checks import DefenseError, check_batch, check_model
+from .settings import DefenseSettings, SettingsAccess, pipeline_parts
 
 __all__ = ["GradientDefense", "DefendedOptimizer", "GradientPlan"]
 
@@ -148,16 +148,15 @@ class GradientDefense(SettingsAccess):
         capture: bool = True,
         **overrides: Any,
     ) -> None:
-        self.settings = DefenseSettings.resolve(settings, self.kind, overrides).validated("GradientDefense", self.kind)
+        parts = pipeline_parts("GradientDefense", self.kind, settings, overrides, placement, generator)
         trainable_parameters(model)  # all frozen: nothing is shared, refuse now
         check_model("GradientDefense", model)  # half precision: refuse now, not at every step
-        s = self.settings
+        self.settings = s = parts.settings
         self.model = model
         self.loss_fn = loss_fn
-        self.placement: Placement = placement if placement is not None else s.placement(self.kind, "GradientDefense")
-        check_placement("GradientDefense", self.placement, self.kind)
-        self.noise: NoiseSource = make_noise_source(generator, s.seed, s.secure_rng)
-        self.probe_generator = torch.Generator().manual_seed(0 if s.seed is None else int(s.seed) + 1)
+        self.placement: Placement = parts.placement
+        self.noise: NoiseSource = parts.noise
+        self.probe_generator = parts.generator
         self.estimator = SpectrumTracker(
             s.k, oversample=s.oversample, sweeps=s.sweeps, cold_sweeps=s.cold_sweeps, max_residual=s.max_residual,
             warm_start=True, generator=self.probe_generator,

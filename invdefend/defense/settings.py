@@ -6,10 +6,17 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
+import torch
+
+from ..noise import NoiseSource, make_noise_source
 from ..placements import Placement, compose, get_placement
 from ..risk import DEFAULT_RHO, default_prior_variance, target_invloss
+from .checks import check_placement
 
-__all__ = ["DefenseSettings", "SettingsAccess", "GRADIENT_DEFAULTS", "EMBEDDING_DEFAULTS", "check_budget"]
+__all__ = [
+    "DefenseSettings", "SettingsAccess", "PipelineParts", "pipeline_parts", "GRADIENT_DEFAULTS", "EMBEDDING_DEFAULTS",
+    "check_budget",
+]
 
 
 def check_budget(owner: str, name: str, value: float) -> None:
@@ -181,6 +188,34 @@ class SettingsAccess:
         if settings is not None and name in DefenseSettings.__dataclass_fields__:
             return getattr(settings, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+@dataclass(frozen=True)
+class PipelineParts:
+    """What both defense pipelines are built from: validated settings, the placement, the noise source and
+    the generator of the estimator's randomness (probe choice, start blocks), seeded from ``seed + 1``."""
+
+    settings: DefenseSettings
+    placement: Placement
+    noise: NoiseSource
+    generator: torch.Generator
+
+
+def pipeline_parts(
+    owner: str,
+    kind: str,
+    settings: DefenseSettings | None,
+    overrides: dict[str, Any],
+    placement: Placement | None,
+    generator: torch.Generator | None,
+) -> PipelineParts:
+    """Resolve and validate ``settings`` with ``overrides``, build (or check) the placement and the noise
+    source, for the ``owner`` defense of ``kind``."""
+    s = DefenseSettings.resolve(settings, kind, overrides).validated(owner, kind)
+    chosen = placement if placement is not None else s.placement(kind, owner)
+    check_placement(owner, chosen, kind)
+    return PipelineParts(s, chosen, make_noise_source(generator, s.seed, s.secure_rng),
+                         torch.Generator().manual_seed(0 if s.seed is None else int(s.seed) + 1))
 
 
 #: :class:`~invdefend.GradientDefense`'s defaults (those of :class:`DefenseSettings`).
