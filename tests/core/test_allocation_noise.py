@@ -162,3 +162,67 @@ def test_secure_noise_is_gaussian_and_not_reproducible():
     assert not torch.equal(x, y)
     assert abs(float(x.mean())) < 0.01 and abs(float(x.std()) - 1) < 0.01
     assert abs(float(((x - x.mean()) ** 4).mean() / x.var() ** 2) - 3) < 0.1  # Gaussian kurtosis
+
+
+def test_noise_sources_follow_their_seed_or_generator():
+    from invdefend.noise import make_noise_source
+
+    a = make_noise_source(seed=3).normal((5,), torch.float64, torch.device("cpu"))
+    b = SeededNoise(seed=3).normal((5,), torch.float64, torch.device("cpu"))
+    c = make_noise_source(seed=4).normal((5,), torch.float64, torch.device("cpu"))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    gen = torch.Generator().manual_seed(9)
+    d = make_noise_source(generator=gen).normal((5,), torch.float64, torch.device("cpu"))
+    assert torch.equal(d, torch.randn(5, generator=torch.Generator().manual_seed(9), dtype=torch.float64))
+
+
+def test_secure_noise_angle_is_uniform():
+    """Box–Muller: the pairs' angles are uniform on the circle and the radii Rayleigh (mean √(π/2))."""
+    with pytest.warns(UserWarning):
+        z = SecureNoise().normal((40000,), torch.float64, torch.device("cpu"))
+    x, y = z[:20000], z[20000:]
+    angle = torch.atan2(y, x)
+    hist = torch.histc(angle, bins=8, min=-math.pi, max=math.pi) / 20000
+    assert torch.allclose(hist, torch.full((8,), 1 / 8, dtype=torch.float64), atol=0.01)
+    assert float(torch.sqrt(x**2 + y**2).mean()) == pytest.approx(math.sqrt(math.pi / 2), rel=0.02)
+
+
+def test_placement_variances_sum_to_each_rows_energy():
+    from invdefend.allocation import placement_variances
+
+    s = torch.tensor([[3.0, 2.0, 1.0, 0.5], [4.0, 1.0, 0.3, 0.0]], dtype=torch.float64)
+    energy = torch.tensor([2.0, 0.5], dtype=torch.float64)
+    for placement in ("weak25", "band_pass"):
+        tau = placement_variances(s, energy, placement)
+        assert torch.allclose(tau.sum(dim=1), energy), placement
+        assert float(tau[1, 3]) == 0.0  # outside range(J): no noise
+    weak = placement_variances(s, energy, "weak25", fraction=0.5)
+    assert torch.equal(weak[0] > 0, torch.tensor([False, False, True, True]))
+    with pytest.raises(ValueError, match="percentile=100"):
+        placement_variances(s, energy, "band_pass", percentile=100.0)
+
+
+def test_water_filling_uses_each_samples_own_base_noise():
+    s = torch.tensor([[3.0, 1.0, 0.3], [3.0, 1.0, 0.3]], dtype=torch.float64)
+    base = torch.tensor([1e-4, 5e-2], dtype=torch.float64)
+    both = water_filling(s, 0.5, V0, base)
+    for b in range(2):
+        alone = water_filling(s[b : b + 1], 0.5, V0, float(base[b]))
+        assert torch.allclose(both[b], alone[0], rtol=1e-10)
+    assert not torch.allclose(both[0], both[1])
+    with pytest.raises(ValueError, match="v0=0"):
+        water_filling(s, 0.5, 0.0)
+
+
+def test_target_mode_handles_rows_that_reach_and_rows_that_do_not():
+    from invdefend.risk import invloss_from_values
+
+    s = torch.tensor([[3.0, 1.0], [300.0, 100.0]], dtype=torch.float64)
+
+    def il_of(tau):
+        return invloss_from_values(s, tau, in_dim=2, v0=V0)
+
+    tau, reached = water_filling_for_target(s, il_of, 0.03, V0, max_energy=1.0)
+    assert reached.tolist() == [True, False]
+    assert float(il_of(tau)[0]) == pytest.approx(0.03, rel=1e-6)
+    assert torch.allclose(tau[1], water_filling(s[1:], 1.0, V0)[0])

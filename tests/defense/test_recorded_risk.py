@@ -136,3 +136,29 @@ def test_water_filling_recorded_risk_counts_the_mean_gradients_noise_batch_squar
         wrong = _psnr(_invloss(s[i], _water_fill(s[i], batch * budget * G / P, ref) + ref, d))
         assert batch == 1 or abs(expected - wrong) > 0.5
         assert undefended - expected > 1.0
+
+
+def test_recorded_risk_uses_the_given_prior_variance_and_dynamic_range() -> None:
+    """With v0 given, InvLoss does not depend on R: the records at R = 2 and R = 1 differ by exactly
+    10·log10(4) dB in both PSNRs, and leakage is 1 − InvLoss/v0 with that v0."""
+    import math
+
+    from tiny_problems import make_problem
+
+    from invdefend import GradientDefense
+
+    records = {}
+    for R in (1.0, 2.0):
+        model, crit, x, y = make_problem(seed=1, batch=3)
+        d = GradientDefense(model, crit, mechanism="isotropic", budget=0.1, k=500, probes=1, seed=0, v0=0.05,
+                            dynamic_range=R, capture=False)
+        d.capture(x, y)
+        crit(model(x), y).backward()
+        records[R] = d.protect()
+    one, two = records[1.0], records[2.0]
+    shift = 10 * math.log10(4.0)
+    assert two.predicted_psnr[0] == pytest.approx(one.predicted_psnr[0] + shift, rel=1e-12)
+    assert two.undefended_predicted_psnr[0] == pytest.approx(one.undefended_predicted_psnr[0] + shift, rel=1e-12)
+    il = 1.0 / 10 ** (one.predicted_psnr[0] / 10)
+    assert one.leakage[0] == pytest.approx(1 - il / 0.05, rel=1e-9) == pytest.approx(two.leakage[0], rel=1e-12)
+    assert one.sweeps == 0 and one.estimator_start == "exact"
