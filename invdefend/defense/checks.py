@@ -1,13 +1,18 @@
-"""What both defenses refuse before they release anything, and the error they refuse with."""
+"""What both defenses share around a release: what they refuse before releasing anything (and the error they
+refuse with), and the risk fields their records carry."""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..jacobian import check_dtypes, check_inputs
-from ..placements import Placement
+from typing import Any
 
-__all__ = ["DefenseError", "check_model", "check_batch", "check_placement"]
+from ..jacobian import check_dtypes, check_inputs
+from ..placements import NoisePlan, Placement
+from ..risk import NoiseModel, invloss, leakage, predicted_psnr
+from ..spectral import Spectrum, estimator_error
+
+__all__ = ["DefenseError", "check_model", "check_batch", "check_placement", "risk_fields"]
 
 
 class DefenseError(RuntimeError):
@@ -37,3 +42,19 @@ def check_placement(owner: str, placement: Placement, kind: str) -> None:
     if kind not in placement.kinds:
         raise ValueError(f"invdefend.{owner}: the {placement.name!r} placement supports {', '.join(placement.kinds)} "
                          f"releases, not {kind}; choose one of invdefend.placements.available({kind!r})")
+
+
+def risk_fields(spec: Spectrum, plan: NoisePlan, *, rho: float, v0: float, dynamic_range: float) -> dict[str, Any]:
+    """The risk a release record carries: predicted PSNR and leakage under the plan's noise model, the
+    undefended prediction, the spectrum and the estimator's health (conservative top-k tail)."""
+    noisy = invloss(spec, plan.noise_model(rho), v0=v0, tail="topk")
+    clean = invloss(spec, NoiseModel(rho=rho), v0=v0, tail="topk")
+    return dict(
+        predicted_psnr=predicted_psnr(noisy, dynamic_range).tolist(),
+        leakage=leakage(noisy, v0).tolist(),
+        undefended_predicted_psnr=predicted_psnr(clean, dynamic_range).tolist(),
+        singular_values=spec.singular_values.reshape(-1).double().tolist(),
+        sweeps=spec.sweeps,
+        max_residual=estimator_error(spec),
+        estimator_start=spec.extra.get("start", ""),
+    )

@@ -29,9 +29,8 @@ from ..monitor import ReleaseRecord, RiskMonitor
 from ..noise import NoiseSource, shaped_noise
 from ..noise_law import NoiseCovariance
 from ..placements import NoisePlan, Placement, PlanContext
-from ..risk import NoiseModel, invloss, leakage, predicted_psnr
-from ..spectral import Spectrum, SpectrumTracker, check_estimate, estimator_error
-from .checks import DefenseError, check_batch, check_model
+from ..spectral import Spectrum, SpectrumTracker, check_estimate
+from .checks import DefenseError, check_batch, check_model, risk_fields
 from .settings import DefenseSettings, SettingsAccess, pipeline_parts
 
 __all__ = ["EmbeddingDefense"]
@@ -201,17 +200,7 @@ class EmbeddingDefense(SettingsAccess):
             if bool((iso > 0).any()):
                 delta = delta + iso.sqrt().unsqueeze(1) * self.noise.normal((B, m), h.dtype, h.device)
             relative_budget = float(((tau.sum(dim=1) + iso * m) / energy.clamp_min(1e-300)).mean())
-            noisy = invloss(spec, plan.noise_model(self.rho), v0=self.v0, tail="topk")
-            clean = invloss(spec, NoiseModel(rho=self.rho), v0=self.v0, tail="topk")
-            fields = dict(
-                predicted_psnr=predicted_psnr(noisy, self.dynamic_range).tolist(),
-                leakage=leakage(noisy, self.v0).tolist(),
-                undefended_predicted_psnr=predicted_psnr(clean, self.dynamic_range).tolist(),
-                singular_values=spec.singular_values.reshape(-1).double().tolist(),
-                sweeps=spec.sweeps,
-                max_residual=estimator_error(spec),
-                estimator_start=spec.extra.get("start", ""),
-            )
+            fields = risk_fields(spec, plan, rho=self.rho, v0=self.v0, dynamic_range=self.dynamic_range)
             if self.placement.adds_noise and (plan.shaped is not None or bool((iso > 0).any())):
                 self._laws = [_sample_law(float(iso[b]), spec.left_vectors[b],
                                           None if plan.shaped is None else plan.shaped[b]) for b in range(B)]

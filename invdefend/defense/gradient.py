@@ -64,9 +64,8 @@ from ..noise import NoiseSource
 from ..noise_law import NoiseLaw
 from ..placements import NoisePlan, Placement, PlanContext
 from ..placements.base import gaussian_law
-from ..risk import NoiseModel, invloss, leakage, predicted_psnr
-from ..spectral import Spectrum, SpectrumTracker, check_estimate, estimator_error
-from .checks import DefenseError, check_batch, check_model
+from ..spectral import Spectrum, SpectrumTracker, check_estimate
+from .checks import DefenseError, check_batch, check_model, risk_fields
 from .settings import DefenseSettings, SettingsAccess, pipeline_parts
 
 __all__ = ["GradientDefense", "DefendedOptimizer", "GradientPlan"]
@@ -353,19 +352,6 @@ class GradientDefense(SettingsAccess):
                             eff.risk_noise_model)
         return plan, eff
 
-    def _record_risk(self, spec: Spectrum, eff: NoisePlan) -> dict[str, Any]:
-        noisy = invloss(spec, eff.noise_model(self.rho), v0=self.v0, tail="topk")
-        clean = invloss(spec, NoiseModel(rho=self.rho), v0=self.v0, tail="topk")
-        return dict(
-            predicted_psnr=predicted_psnr(noisy, self.dynamic_range).tolist(),
-            leakage=leakage(noisy, self.v0).tolist(),
-            undefended_predicted_psnr=predicted_psnr(clean, self.dynamic_range).tolist(),
-            singular_values=spec.singular_values.reshape(-1).double().tolist(),
-            sweeps=spec.sweeps,
-            max_residual=estimator_error(spec),
-            estimator_start=spec.extra.get("start", ""),
-        )
-
     def _spectrum_free_plan(self, m: int, d: int) -> GradientPlan:
         """The plan of a placement that needs no spectrum (band-pass), when no estimate is trusted: the
         placement planned on an empty spectrum, per unit of ``‖ḡ‖²``."""
@@ -409,7 +395,7 @@ class GradientDefense(SettingsAccess):
                 self.estimator.accept(spec)
                 self._basis_t = None
                 self._next_refresh = self.step + self.refresh_every
-                fields.update(self._record_risk(spec, eff))
+                fields.update(risk_fields(spec, eff, rho=self.rho, v0=self.v0, dynamic_range=self.dynamic_range))
             fields["estimate_seconds"] = time.perf_counter() - t0
         plan, spec = self._plan, self._spectrum
         reason = self._last_failure
