@@ -18,6 +18,18 @@ The directions the spectrum does not hold (the *tail*) are handled in one of two
 every unestimated direction up to ``min(m, d)`` as if it had ``s_k`` (the largest value it could have), which
 under-states InvLoss, i.e. over-states risk. Directions beyond ``min(m, d)`` are in the null space
 and contribute ``v0`` each.
+
+**With a data prior** ``N(μ, C)`` (THEORY §7) the spectrum is that of the prior-whitened ``J̃ = J·A``
+(``A·Aᵀ = C``; :func:`invdefend.spectral.estimate_spectrum` with ``prior=``) and carries the weights
+``w_i = ‖A v_i‖²``. The Bayes error in pixels is ``tr(A (I + J̃ᵀΣ⁻¹J̃)⁻¹ Aᵀ)``, i.e.
+
+    InvLoss(x) = (1/d) · [ Σ_i w_i · τ_i/(τ_i + s̃_i²)  +  (tail) ],
+
+each whitened direction contributing its share of the prior variance that the release leaves. The tail:
+``"slq"`` evaluates the quadrature rule built with probes of covariance ``AᵀA`` (so it already carries the
+weights); for an exact (complete) spectrum the prior variance ``tr C − Σ w_i`` the held directions do not
+carry lies in the null space of ``J̃`` and is left whole; ``"topk"`` treats all of it as if it sat at
+``s̃_k`` (over-states risk). ``v0·I`` is the special case ``C = v0·I`` (then ``w_i = v0``, ``s̃ = √v0·s``).
 """
 
 from __future__ import annotations
@@ -42,6 +54,7 @@ __all__ = [
     "reference_noise",
     "default_prior_variance",
     "target_invloss",
+    "prior_mean_variance",
 ]
 
 #: Reference attacker precision ρ: the relative accuracy to which a real attacker matches the shared
@@ -147,7 +160,8 @@ def invloss(
     Args:
         spectrum: top singular values (and optionally a tail quadrature rule).
         noise: the release's noise; default: only the reference attacker precision.
-        v0: prior variance per input coordinate; default ``1/12`` (uniform on [0, 1]).
+        v0: prior variance per input coordinate; default ``1/12`` (uniform on [0, 1]). Not used for the
+            spectrum of a prior-whitened Jacobian (``spectrum.prior_weights``), which carries its prior.
         tail: ``"slq"`` (use the spectrum's quadrature rule), ``"topk"`` (conservative: unheld directions
             at ``s_k``), or ``"auto"`` (slq when the spectrum has a rule, else topk).
     """
@@ -176,11 +190,37 @@ def invloss(
     if use_slq:
         q = spectrum.tail
         assert q is not None
-        tail_sum = q.apply(_terms(q.nodes, base.view(-1, 1, 1).to(q.nodes), v0)).to(s)
+        tail_v0 = 1.0 if spectrum.prior_weights is not None else v0
+        tail_sum = q.apply(_terms(q.nodes, base.view(-1, 1, 1).to(q.nodes), tail_v0)).to(s)
+    if spectrum.prior_weights is not None:
+        return _prior_invloss(spectrum, tau, base, tail_sum)
     rank_bound = spectrum.k if spectrum.complete else spectrum.rank_bound
     return invloss_from_values(
         s, tau, in_dim=spectrum.in_dim, v0=v0, tail_tau=base, tail_sum=tail_sum, rank_bound=rank_bound
     )
+
+
+def _prior_invloss(spectrum: Spectrum, tau: Tensor, base: Tensor, tail_sum: Tensor | None) -> Tensor:
+    """InvLoss of a prior-whitened spectrum (module docstring): held directions weighted by ``‖A v_i‖²``."""
+    s = spectrum.singular_values
+    w = spectrum.prior_weights.to(s)  # type: ignore[union-attr]
+    trace = float(spectrum.prior_trace)  # type: ignore[arg-type]
+    head = (w * _terms(s**2, tau, 1.0)).sum(dim=-1)
+    left = (trace - w.sum(dim=-1)).clamp_min(0.0)  # prior variance outside the held directions
+    if spectrum.complete:
+        tail = left  # all of it in the null space of J̃
+    elif tail_sum is not None:
+        tail = tail_sum
+    else:
+        tail = left * _terms(s[..., -1] ** 2, base.to(s), 1.0)
+    return (head + tail) / spectrum.in_dim
+
+
+def prior_mean_variance(spectrum: Spectrum) -> float | None:
+    """``tr C / d`` of a prior-whitened spectrum (the InvLoss of a release that reveals nothing), else None."""
+    if spectrum.prior_trace is None:
+        return None
+    return float(spectrum.prior_trace) / spectrum.in_dim
 
 
 def predicted_psnr(invloss_value: Tensor | float, dynamic_range: float = 1.0) -> Tensor:
@@ -216,6 +256,8 @@ class RiskEstimate:
         tail: Tail = "auto",
     ) -> "RiskEstimate":
         """Evaluate InvLoss and its reported forms for every sample of ``spectrum``."""
+        if spectrum.prior_weights is not None:
+            v0 = prior_mean_variance(spectrum)  # leakage is relative to the data prior's variance
         v0 = default_prior_variance(dynamic_range) if v0 is None else v0
         il = invloss(spectrum, noise, v0=v0, tail=tail)
         used = "exact" if spectrum.complete else ("slq" if spectrum.tail is not None and tail != "topk" else "topk")

@@ -27,10 +27,12 @@ import torch
 from torch import Tensor
 
 from .jacobian import JacobianOperator
+from .prior import GaussianPrior
+from .whitened import WhitenedOperator
 
 __all__ = [
     "Spectrum", "SpectralQuadrature", "SpectrumTracker", "exact_spectrum", "topk_spectrum", "tail_quadrature",
-    "lanczos", "use_exact", "estimate_spectrum", "estimator_error", "check_estimate",
+    "lanczos", "use_exact", "estimate_spectrum", "estimator_error", "check_estimate", "with_prior_weights",
 ]
 
 Method = Literal["auto", "exact", "subspace"]
@@ -73,6 +75,10 @@ class Spectrum:
         tol: residual tolerance the estimate was asked for.
         complete: True when ``k`` covers the whole rank ``min(m, d)`` (no tail).
         tail: an optional quadrature rule for the rest of the spectrum.
+        prior_weights: ``(B, k)`` ``‖A v_i‖²`` when the spectrum is that of the prior-whitened ``J̃ = J·A``
+            (THEORY §7; :func:`estimate_spectrum` with ``prior=``): the pixel-space variance each direction
+            carries. ``None`` for the spectrum of ``J`` itself (the i.i.d. prior is then given to InvLoss as v0).
+        prior_trace: ``tr C`` of that prior (``None`` without one).
     """
 
     singular_values: Tensor
@@ -88,6 +94,8 @@ class Spectrum:
     complete: bool = False
     tail: SpectralQuadrature | None = None
     extra: dict = field(default_factory=dict)
+    prior_weights: Tensor | None = None
+    prior_trace: float | None = None
 
     @property
     def k(self) -> int:
@@ -122,6 +130,7 @@ class Spectrum:
             left_vectors=pick(self.left_vectors),
             signal_norm=self.signal_norm[idx],
             residuals=pick(self.residuals),
+            prior_weights=pick(self.prior_weights),
             tail=None if self.tail is None else self.tail.select(idx),
             extra={
                 key: value[idx] if isinstance(value, Tensor) and value.shape[:1] == (self.batch_size,) else value
@@ -131,7 +140,7 @@ class Spectrum:
 
     def is_finite(self) -> bool:
         """True when the singular values (and vectors, if held) contain no NaN/Inf."""
-        parts = [self.singular_values, self.signal_norm, self.right_vectors, self.left_vectors]
+        parts = [self.singular_values, self.signal_norm, self.right_vectors, self.left_vectors, self.prior_weights]
         return all(t is None or bool(torch.isfinite(t).all()) for t in parts)
 
     def state_dict(self) -> dict[str, Any]:
@@ -140,7 +149,8 @@ class Spectrum:
             "singular_values": self.singular_values, "right_vectors": self.right_vectors,
             "left_vectors": self.left_vectors, "signal_norm": self.signal_norm, "residuals": self.residuals,
             "in_dim": self.in_dim, "out_dim": self.out_dim, "method": self.method, "sweeps": self.sweeps,
-            "tol": self.tol, "complete": self.complete,
+            "tol": self.tol, "complete": self.complete, "prior_weights": self.prior_weights,
+            "prior_trace": self.prior_trace,
         }
 
     @classmethod
@@ -151,7 +161,13 @@ class Spectrum:
             left_vectors=state["left_vectors"], in_dim=int(state["in_dim"]), out_dim=int(state["out_dim"]),
             signal_norm=state["signal_norm"], method=state.get("method", "subspace"), sweeps=int(state["sweeps"]),
             residuals=state["residuals"], tol=float(state["tol"]), complete=bool(state.get("complete", False)),
+            prior_weights=state.get("prior_weights"), prior_trace=state.get("prior_trace"),
         )
+
+    @property
+    def whitened(self) -> bool:
+        """True when this is the spectrum of the prior-whitened Jacobian (InvLoss then uses the data prior)."""
+        return self.prior_weights is not None
 
 
 def _generator_for(device: torch.device, generator: torch.Generator | None) -> torch.Generator:
@@ -314,6 +330,7 @@ def tail_quadrature(
     probes: int = 4,
     steps: int = 24,
     generator: torch.Generator | None = None,
+    probe_map: Callable[[Tensor], Tensor] | None = None,
 ) -> SpectralQuadrature:
     """Stochastic Lanczos quadrature for the part of ``spec(JᵀJ)`` outside the estimated top-k subspace.
 
@@ -322,6 +339,10 @@ def tail_quadrature(
     ``zᵀ P f(P JᵀJ P) P z ≈ ‖Pz‖² Σ_j (e₁ᵀ y_j)² f(θ_j)``. Averaged over probes this is an unbiased (up to the
     quadrature error) estimate of ``Σ f(λ)`` over the ``d − k`` complementary eigenvalues, null space included.
     Each step costs one ``J`` and one ``Jᵀ`` product on a block of ``probes`` vectors.
+
+    ``probe_map`` (e.g. ``Aᵀ`` of a data prior, on blocks ``(B, d, P)``) maps the probes first, so that the
+    rule estimates the weighted sum ``Σ f(λ_j)·‖A v_j‖²`` (probes with covariance ``AᵀA``): the pixel-space
+    error of the prior-whitened problem.
     """
     if probes < 1 or steps < 1:
         raise ValueError(f"invdefend.spectral.tail_quadrature: probes={probes} and steps={steps} must be >= 1")
@@ -336,6 +357,8 @@ def tail_quadrature(
         return X - Vk @ (Vk.transpose(1, 2) @ X)
 
     z = torch.randint(0, 2, (B, d, probes), generator=gen, device=op.device).to(op.dtype) * 2 - 1
+    if probe_map is not None:
+        z = probe_map(z)
     z = deflate(z)
     _, T, znorm = lanczos(lambda q: deflate(op.rmatvec(op.matvec(deflate(q)))), z, steps)
     theta, Y = torch.linalg.eigh(T)  # (B, probes, n)
@@ -415,22 +438,39 @@ def estimate_spectrum(
     slq_probes: int = 4,
     slq_steps: int = 24,
     generator: torch.Generator | None = None,
+    prior: GaussianPrior | None = None,
 ) -> Spectrum:
     """The spectrum of ``op``: exact (:func:`exact_spectrum`) when ``method="exact"`` or, with
     ``method="auto"``, when :func:`use_exact` says so; else the top-k estimate (:func:`topk_spectrum`,
     warm-started from ``init``) with, when ``tail``, a quadrature rule for the rest (:func:`tail_quadrature`).
-    ``spectrum.extra["start"]`` says which: ``"exact"``, ``"warm"`` or ``"cold"``."""
+    ``spectrum.extra["start"]`` says which: ``"exact"``, ``"warm"`` or ``"cold"``.
+
+    With a data ``prior`` (THEORY §7) the same path runs on the prior-whitened ``J̃ = J·A``
+    (:class:`~invdefend.whitened.WhitenedOperator`), the quadrature's probes are mapped by ``Aᵀ``, and the
+    spectrum carries ``prior_weights = ‖A v_i‖²``: InvLoss is then the pixel-space error under that prior."""
     if method not in ("auto", "exact", "subspace"):
         raise ValueError(f"invdefend.spectral.estimate_spectrum: method={method!r}; choose 'auto', 'exact' or 'subspace'")
+    if prior is not None:
+        op = WhitenedOperator(op, prior)
     if method == "exact" or (method == "auto" and use_exact(op.in_dim, op.out_dim, k, exact_max_dim)):
         spec = exact_spectrum(op)  # the whole spectrum: risk is then exact, no tail treatment needed
         spec.extra["start"] = "exact"
-        return spec
+        return with_prior_weights(spec, op)
     spec = topk_spectrum(op, k, oversample=oversample, max_sweeps=max_sweeps, tol=tol, init=init, generator=generator)
     spec.extra["start"] = "cold" if init is None else "warm"
     if tail and not spec.complete:
-        spec.tail = tail_quadrature(op, spec, probes=slq_probes, steps=slq_steps, generator=generator)
-    return spec
+        probe_map = op.apply_root_t if isinstance(op, WhitenedOperator) else None
+        spec.tail = tail_quadrature(
+            op, spec, probes=slq_probes, steps=slq_steps, generator=generator, probe_map=probe_map
+        )
+    return with_prior_weights(spec, op)
+
+
+def with_prior_weights(spec: Spectrum, op: JacobianOperator | WhitenedOperator) -> Spectrum:
+    """``spec`` with ``prior_weights`` and ``prior_trace`` filled in when ``op`` is prior-whitened (else as is)."""
+    if not isinstance(op, WhitenedOperator) or spec.right_vectors is None:
+        return spec
+    return replace(spec, prior_weights=op.prior_weights(spec.right_vectors), prior_trace=op.prior.trace)
 
 
 def estimator_error(spec: Spectrum) -> float:
@@ -496,10 +536,12 @@ class SpectrumTracker:
         self.generator = generator
         self.previous: Spectrum | None = None  # the last trusted estimate (the next warm start)
 
-    def estimate(self, op: JacobianOperator) -> Spectrum:
-        """The spectrum of ``op`` (exact, warm or cold top-k; ``extra["start"]`` says which), unchecked."""
+    def estimate(self, op: JacobianOperator | WhitenedOperator) -> Spectrum:
+        """The spectrum of ``op`` (exact, warm or cold top-k; ``extra["start"]`` says which), unchecked.
+
+        A prior-whitened operator gives a spectrum with its ``prior_weights`` (:func:`with_prior_weights`)."""
         if use_exact(op.in_dim, op.out_dim, self.k, self.exact_max_dim):
-            return estimate_spectrum(op, self.k, method="exact")
+            return estimate_spectrum(op, self.k, method="exact")  # weights attached there
         init = self._warm_start(op)
         warm = init is not None
         spec = topk_spectrum(
@@ -514,7 +556,7 @@ class SpectrumTracker:
                 init=spec, generator=self.generator,
             )
             spec = replace(more, sweeps=spec.sweeps + more.sweeps, extra={**more.extra, "start": "warm+extended"})
-        return spec
+        return with_prior_weights(spec, op)
 
     def accept(self, spec: Spectrum) -> None:
         """Remember a trusted estimate as the next warm start."""
