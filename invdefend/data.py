@@ -1,4 +1,4 @@
-"""Data that ships with installed packages: scikit-learn's digits and its two sample photographs.
+"""Data that ships with installed packages: scikit-learn's digits and sample photographs, scikit-image's photographs.
 
 Nothing here downloads anything. Images are returned as float tensors in ``[0, 1]`` (dynamic range 1).
 """
@@ -8,7 +8,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["load_digits_tensors", "natural_image_patches", "digits_split"]
+__all__ = ["load_digits_tensors", "natural_image_patches", "digits_split", "PHOTOS", "load_photos", "photo_patches"]
+
+#: The RGB photographs shipped by scikit-learn (china, flower) and scikit-image (the rest), in class order.
+PHOTOS: tuple[str, ...] = (
+    "china", "flower", "astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina",
+    "rocket",
+)
 
 
 def load_digits_tensors(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,3 +76,72 @@ def natural_image_patches(
             continue
         out.append(patch.transpose(2, 0, 1))
     return torch.tensor(np.stack(out), dtype=dtype)
+
+
+def load_photos(names: tuple[str, ...] = PHOTOS) -> list[np.ndarray]:
+    """The named shipped photographs as float ``(H, W, 3)`` arrays in [0, 1] (nothing is downloaded)."""
+    out = []
+    for name in names:
+        if name in ("china", "flower"):
+            from sklearn.datasets import load_sample_image
+
+            img = load_sample_image(f"{name}.jpg")
+        else:
+            import skimage.data
+
+            if name not in PHOTOS:
+                raise ValueError(f"invdefend.data.load_photos: unknown photo {name!r}; choose from {PHOTOS}")
+            img = getattr(skimage.data, name)()
+        out.append(np.asarray(img, dtype=np.float64)[..., :3] / 255.0)
+    return out
+
+
+def photo_patches(
+    n: int,
+    size: int = 32,
+    *,
+    seed: int = 0,
+    part: str = "all",
+    photos: tuple[str, ...] = PHOTOS,
+    min_std: float = 0.08,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` RGB patches ``(n, 3, size, size)`` in [0, 1] and their photo index ``(n,)`` (a label), cut at
+    seeded random places from the shipped photographs, cycling through them.
+
+    Each patch is a ``4·size`` window downsampled 4× (objects rather than texture); flat windows (std below
+    ``min_std``) are skipped. ``part="left"`` / ``"right"`` draws windows only from the left / right half of
+    every photo, so that two sets drawn from different halves share no pixel (e.g. the attacker's auxiliary
+    data and the audited samples).
+    """
+    if n < 1 or size < 4:
+        raise ValueError(f"invdefend.data.photo_patches: need n >= 1 and size >= 4, got n={n}, size={size}")
+    if part not in ("all", "left", "right"):
+        raise ValueError(f"invdefend.data.photo_patches: part={part!r}; choose 'all', 'left' or 'right'")
+    images = load_photos(photos)
+    rng = np.random.default_rng(seed)
+    window = 4 * size
+    xs: list[np.ndarray] = []
+    ys: list[int] = []
+    attempts = 0
+    while len(xs) < n:
+        attempts += 1
+        if attempts > 200 * n:
+            raise RuntimeError("invdefend.data.photo_patches: could not find enough textured patches")
+        label = len(xs) % len(images)
+        photo = images[label]
+        h, w, _ = photo.shape
+        lo, hi = {"all": (0, w), "left": (0, w // 2), "right": (w // 2, w)}[part]
+        if hi - lo < window or h < window:
+            raise ValueError(
+                f"invdefend.data.photo_patches: photo {photos[label]!r} ({h}x{w}) is too small for size={size} "
+                f"windows in part={part!r}; use a smaller size"
+            )
+        top = int(rng.integers(0, h - window + 1))
+        left = int(rng.integers(lo, hi - window + 1))
+        patch = photo[top : top + window, left : left + window].reshape(size, 4, size, 4, 3).mean(axis=(1, 3))
+        if patch.std() < min_std:
+            continue
+        xs.append(patch.transpose(2, 0, 1))
+        ys.append(label)
+    return torch.tensor(np.stack(xs), dtype=dtype), torch.tensor(ys, dtype=torch.long)

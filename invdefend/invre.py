@@ -19,13 +19,21 @@ import torch
 from torch import Tensor, nn
 
 from .jacobian import embedding_jacobian, gradient_jacobian
+from .prior import DEFAULT_RANK, GaussianPrior
 from .risk import DEFAULT_RHO, NoiseModel, RiskEstimate, default_prior_variance
 from .spectral import Spectrum, estimate_spectrum
 from .stats import summarise
 
-__all__ = ["InvRE", "RiskReport", "estimate_gradient_spectrum", "estimate_embedding_spectrum", "summarise"]
+__all__ = [
+    "InvRE", "RiskReport", "estimate_gradient_spectrum", "estimate_embedding_spectrum", "summarise", "PriorChoice",
+    "MIN_PRIOR_SAMPLES",
+]
 
 Target = Literal["gradient", "embedding"]
+PriorChoice = GaussianPrior | Literal["auto", "iid"]
+
+#: ``prior="auto"`` fits a data prior only when at least this many samples other than the assessed ones exist.
+MIN_PRIOR_SAMPLES: int = 32
 Method = Literal["auto", "subspace", "exact"]
 
 
@@ -46,18 +54,20 @@ def estimate_gradient_spectrum(
     slq_steps: int = 24,
     mode: Literal["eval", "train"] = "eval",
     generator: torch.Generator | None = None,
+    prior: GaussianPrior | None = None,
 ) -> Spectrum:
     """Top-k spectrum of ``∂(per-sample gradient)/∂input`` for every sample of a batch.
 
     ``method="exact"`` builds J and takes its SVD; ``"subspace"`` runs the block Krylov estimator
     (warm-started from ``init`` if given); ``"auto"`` (default) is exact when ``k >= min(d, m)`` and the
     estimator otherwise (:func:`invdefend.spectral.use_exact`). ``tail=True`` adds a Lanczos quadrature rule
-    for the rest.
+    for the rest. With a data ``prior`` it is the spectrum of the prior-whitened Jacobian (its InvLoss is
+    the pixel error under that prior; :mod:`invdefend.risk`).
     """
     op = gradient_jacobian(model, loss_fn, inputs, targets, mode=mode)
     return estimate_spectrum(
         op, k, method=method, tail=tail, init=init, max_sweeps=max_sweeps, tol=tol, oversample=oversample,
-        slq_probes=slq_probes, slq_steps=slq_steps, generator=generator,
+        slq_probes=slq_probes, slq_steps=slq_steps, generator=generator, prior=prior,
     )
 
 
@@ -76,12 +86,14 @@ def estimate_embedding_spectrum(
     slq_steps: int = 24,
     mode: Literal["eval", "train"] = "eval",
     generator: torch.Generator | None = None,
+    prior: GaussianPrior | None = None,
 ) -> Spectrum:
-    """Top-k spectrum of ``∂(cut-layer embedding)/∂input`` for every sample of a batch."""
+    """Top-k spectrum of ``∂(cut-layer embedding)/∂input`` for every sample of a batch (of the
+    prior-whitened Jacobian with a data ``prior``)."""
     op = embedding_jacobian(bottom, inputs, mode=mode)
     return estimate_spectrum(
         op, k, method=method, tail=tail, init=init, max_sweeps=max_sweeps, tol=tol, oversample=oversample,
-        slq_probes=slq_probes, slq_steps=slq_steps, generator=generator,
+        slq_probes=slq_probes, slq_steps=slq_steps, generator=generator, prior=prior,
     )
 
 
@@ -190,7 +202,15 @@ class InvRE:
             (conservative: unestimated directions at ``s_k``).
         noise: noise the release carries (default: none beyond the reference attacker precision ``rho``).
         rho: reference attacker precision (default :data:`invdefend.risk.DEFAULT_RHO`).
-        v0: prior variance per input coordinate (default ``dynamic_range²/12``).
+        prior: the attacker's data prior (THEORY §7). A :class:`~invdefend.prior.GaussianPrior` fitted on data
+            the attacker could have (never the assessed samples); ``"iid"``: the i.i.d. prior ``v0·I``;
+            ``"auto"`` (default): a data prior whenever the assessed data can fit one without seeing the
+            sample it prices — the samples are split in two folds and each fold is priced under a prior
+            (rank ``prior_rank``) fitted on the other fold, when each fold has at least
+            :data:`MIN_PRIOR_SAMPLES` samples; otherwise the i.i.d. prior. The report's
+            ``settings["prior"]`` says which was used.
+        prior_rank: principal directions of a prior fitted by ``"auto"``.
+        v0: prior variance per input coordinate of the i.i.d. prior (default ``dynamic_range²/12``).
         dynamic_range: ``R`` of the inputs (1 for images in [0, 1]).
         batch_size: samples estimated together (vmap batch).
         max_sweeps, tol, oversample: estimator settings (see :func:`invdefend.spectral.topk_spectrum`).
@@ -211,6 +231,8 @@ class InvRE:
         tail: Literal["slq", "topk"] = "slq",
         noise: NoiseModel | None = None,
         rho: float = DEFAULT_RHO,
+        prior: PriorChoice = "auto",
+        prior_rank: int = DEFAULT_RANK,
         v0: float | None = None,
         dynamic_range: float = 1.0,
         batch_size: int = 8,
@@ -240,6 +262,13 @@ class InvRE:
         self.noise = noise if noise is not None else NoiseModel(rho=rho)
         if noise is not None and rho != DEFAULT_RHO and noise.rho != rho:
             raise ValueError("invdefend.InvRE: rho given twice (as rho= and in noise=) with different values")
+        if not isinstance(prior, GaussianPrior) and prior not in ("auto", "iid"):
+            raise ValueError(
+                f"invdefend.InvRE: prior={prior!r}; pass a GaussianPrior (e.g. GaussianPrior.fit(calibration_inputs)), "
+                "'auto' or 'iid'"
+            )
+        self.prior = prior
+        self.prior_rank = int(prior_rank)
         self.dynamic_range = dynamic_range
         self.v0 = default_prior_variance(dynamic_range) if v0 is None else float(v0)
         self.batch_size = batch_size
@@ -249,13 +278,19 @@ class InvRE:
         self.seed = seed
         self.progress = progress
 
-    def spectrum(self, inputs: Tensor, targets: Tensor | None = None, *, init: Spectrum | None = None) -> Spectrum:
-        """The per-sample spectrum of one batch."""
+    def spectrum(
+        self, inputs: Tensor, targets: Tensor | None = None, *, init: Spectrum | None = None,
+        prior: GaussianPrior | None = None,
+    ) -> Spectrum:
+        """The per-sample spectrum of one batch (of the prior-whitened Jacobian when ``prior`` is given, or
+        when this InvRE holds a fitted prior)."""
+        if prior is None and isinstance(self.prior, GaussianPrior):
+            prior = self.prior
         gen = torch.Generator(device=inputs.device).manual_seed(self.seed)
         common = dict(
             k=self.k, method=self.method, tail=self.tail == "slq", init=init, max_sweeps=self.max_sweeps,
             tol=self.tol, oversample=self.oversample, slq_probes=self.slq_probes, slq_steps=self.slq_steps,
-            mode=self.mode, generator=gen,
+            mode=self.mode, generator=gen, prior=prior,
         )
         if self.target == "gradient":
             if targets is None:
@@ -264,14 +299,15 @@ class InvRE:
             return estimate_gradient_spectrum(self.model, self.loss_fn, inputs, targets, **common)
         return estimate_embedding_spectrum(self.model, inputs, **common)
 
-    def _report_from(self, spec: Spectrum, seconds: float, name: str) -> RiskReport:
+    def _report_from(self, spec: Spectrum, seconds: float, name: str, prior_used: str) -> RiskReport:
         risk = RiskEstimate.from_spectrum(
             spec, self.noise, v0=self.v0, dynamic_range=self.dynamic_range, tail=self.tail
         )
+        v0 = self.v0 if spec.prior_trace is None else spec.prior_trace / spec.in_dim
         settings = {
             "target": self.target, "k": self.k, "method": self.method, "tail": self.tail,
-            "rho": self.noise.rho, "v0": self.v0, "dynamic_range": self.dynamic_range, "mode": self.mode,
-            "in_dim": spec.in_dim, "out_dim": spec.out_dim,
+            "rho": self.noise.rho, "v0": v0, "dynamic_range": self.dynamic_range, "mode": self.mode,
+            "in_dim": spec.in_dim, "out_dim": spec.out_dim, "prior": prior_used,
         }
         estimator = {
             "sweeps_max": spec.sweeps,
@@ -297,17 +333,42 @@ class InvRE:
                 f"invdefend.InvRE.assess: inputs must be a non-empty batch (B, ...), got shape {tuple(inputs.shape)}"
             )
         chunks = []
+        folds = self.priors_for(inputs)
         starts = range(0, inputs.shape[0], self.batch_size)
         for start in self._progress(starts, total=len(starts)):
             sl = slice(start, start + self.batch_size)
+            prior, used = folds(start)
             t0 = time.perf_counter()
-            spec = self.spectrum(inputs[sl], None if targets is None else targets[sl])
-            chunks.append(self._report_from(spec, time.perf_counter() - t0, name))
+            spec = self.spectrum(inputs[sl], None if targets is None else targets[sl], prior=prior)
+            chunks.append(self._report_from(spec, time.perf_counter() - t0, name, used))
         return RiskReport.merge(chunks, name=name)
 
+    def priors_for(self, inputs: Tensor) -> Callable[[int], tuple[GaussianPrior | None, str]]:
+        """Which prior prices the chunk starting at each sample index: ``start -> (prior or None, label)``.
+
+        A given prior prices everything; ``"iid"`` nothing; ``"auto"`` cross-fits two folds split at a
+        chunk boundary (each fold priced under a prior fitted on the other) when both folds have at least
+        :data:`MIN_PRIOR_SAMPLES` samples, else falls back to the i.i.d. prior.
+        """
+        if isinstance(self.prior, GaussianPrior):
+            return lambda start: (self.prior, "given")  # type: ignore[return-value]
+        n = inputs.shape[0]
+        half = (n // 2 // self.batch_size) * self.batch_size
+        if self.prior == "iid" or min(half, n - half) < MIN_PRIOR_SAMPLES:
+            return lambda start: (None, "iid")
+        rank = max(0, min(self.prior_rank, min(half, n - half) - 1))
+        flat = inputs.detach()
+        first = GaussianPrior.fit(flat[half:], rank)  # prices the first fold
+        second = GaussianPrior.fit(flat[:half], rank)  # prices the second fold
+        return lambda start: (first, "cross-fitted") if start < half else (second, "cross-fitted")
+
     def assess_loader(self, loader: Iterable, *, max_samples: int | None = None, name: str = "") -> RiskReport:
-        """Risk of the samples of a data loader yielding ``(inputs, targets)`` or ``inputs`` batches."""
-        reports: list[RiskReport] = []
+        """Risk of the samples of a data loader yielding ``(inputs, targets)`` or ``inputs`` batches.
+
+        The samples (at most ``max_samples``) are gathered first, so that ``prior="auto"`` can price each
+        fold under a prior fitted on the other."""
+        xs: list[Tensor] = []
+        ys: list[Tensor | None] = []
         seen = 0
         for batch in self._progress(loader, total=None):
             inputs, targets = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
@@ -316,13 +377,18 @@ class InvRE:
                 targets = None if targets is None else targets[: max_samples - seen]
             if inputs.shape[0] == 0:
                 break
-            reports.append(self.assess(inputs, targets, name=name))
+            xs.append(inputs)
+            ys.append(targets)
             seen += inputs.shape[0]
             if max_samples is not None and seen >= max_samples:
                 break
-        if not reports:
+        if not xs:
             raise ValueError("invdefend.InvRE.assess_loader: the loader yielded no samples")
-        return RiskReport.merge(reports, name=name)
+        if any(y is None for y in ys) and not all(y is None for y in ys):
+            raise ValueError("invdefend.InvRE.assess_loader: some batches have targets and some do not")
+        targets_all = None if ys[0] is None else torch.cat(ys)  # type: ignore[arg-type]
+        # all samples at once, so that prior="auto" can fit the prior of each fold on the other fold
+        return self.assess(torch.cat(xs), targets_all, name=name)
 
     def compare(
         self,

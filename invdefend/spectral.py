@@ -79,6 +79,8 @@ class Spectrum:
             (THEORY §7; :func:`estimate_spectrum` with ``prior=``): the pixel-space variance each direction
             carries. ``None`` for the spectrum of ``J`` itself (the i.i.d. prior is then given to InvLoss as v0).
         prior_trace: ``tr C`` of that prior (``None`` without one).
+        sample_rule: what the sample-conditional InvLoss needs (:class:`invdefend.conditional.SampleRule`),
+            or ``None``.
     """
 
     singular_values: Tensor
@@ -96,6 +98,7 @@ class Spectrum:
     extra: dict = field(default_factory=dict)
     prior_weights: Tensor | None = None
     prior_trace: float | None = None
+    sample_rule: Any = None
 
     @property
     def k(self) -> int:
@@ -131,6 +134,7 @@ class Spectrum:
             signal_norm=self.signal_norm[idx],
             residuals=pick(self.residuals),
             prior_weights=pick(self.prior_weights),
+            sample_rule=None if self.sample_rule is None else self.sample_rule.select(idx),
             tail=None if self.tail is None else self.tail.select(idx),
             extra={
                 key: value[idx] if isinstance(value, Tensor) and value.shape[:1] == (self.batch_size,) else value
@@ -439,6 +443,7 @@ def estimate_spectrum(
     slq_steps: int = 24,
     generator: torch.Generator | None = None,
     prior: GaussianPrior | None = None,
+    sample_rule: bool = False,
 ) -> Spectrum:
     """The spectrum of ``op``: exact (:func:`exact_spectrum`) when ``method="exact"`` or, with
     ``method="auto"``, when :func:`use_exact` says so; else the top-k estimate (:func:`topk_spectrum`,
@@ -447,11 +452,30 @@ def estimate_spectrum(
 
     With a data ``prior`` (THEORY §7) the same path runs on the prior-whitened ``J̃ = J·A``
     (:class:`~invdefend.whitened.WhitenedOperator`), the quadrature's probes are mapped by ``Aᵀ``, and the
-    spectrum carries ``prior_weights = ‖A v_i‖²``: InvLoss is then the pixel-space error under that prior."""
+    spectrum carries ``prior_weights = ‖A v_i‖²``: InvLoss is then the pixel-space error under that prior.
+    ``sample_rule=True`` (prior only) adds what the sample-conditional InvLoss needs
+    (:mod:`invdefend.conditional`; ``slq_steps`` more Lanczos steps per sample)."""
     if method not in ("auto", "exact", "subspace"):
         raise ValueError(f"invdefend.spectral.estimate_spectrum: method={method!r}; choose 'auto', 'exact' or 'subspace'")
+    if sample_rule and prior is None:
+        raise ValueError("invdefend.spectral.estimate_spectrum: sample_rule=True needs a data prior (prior=...)")
     if prior is not None:
         op = WhitenedOperator(op, prior)
+    spec = _estimate(op, k, method=method, exact_max_dim=exact_max_dim, tail=tail, init=init, max_sweeps=max_sweeps,
+                     tol=tol, oversample=oversample, slq_probes=slq_probes, slq_steps=slq_steps, generator=generator)
+    if sample_rule:
+        from .conditional import with_sample_rule  # the conditional error builds on this module
+
+        assert isinstance(op, WhitenedOperator)
+        spec = with_sample_rule(spec, op, steps=slq_steps)
+    return spec
+
+
+def _estimate(
+    op: JacobianOperator | WhitenedOperator, k: int, *, method: Method, exact_max_dim: int, tail: bool,
+    init: Tensor | Spectrum | None, max_sweeps: int, tol: float, oversample: int, slq_probes: int, slq_steps: int,
+    generator: torch.Generator | None,
+) -> Spectrum:
     if method == "exact" or (method == "auto" and use_exact(op.in_dim, op.out_dim, k, exact_max_dim)):
         spec = exact_spectrum(op)  # the whole spectrum: risk is then exact, no tail treatment needed
         spec.extra["start"] = "exact"

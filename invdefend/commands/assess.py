@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..invre import InvRE, format_comparison
+from ..invre import MIN_PRIOR_SAMPLES, InvRE, format_comparison
+from ..prior import DEFAULT_RANK, GaussianPrior
 from ..risk import DEFAULT_RHO
 
 __all__ = ["add_parser", "run", "load_callable", "load_data", "add_model_and_data_arguments"]
@@ -53,6 +54,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--tail", choices=("slq", "topk"), default="slq",
                    help="unestimated spectrum: Lanczos quadrature (default) or conservative top-k")
     p.add_argument("--rho", type=float, default=DEFAULT_RHO, help=f"attacker precision (default {DEFAULT_RHO})")
+    p.add_argument("--prior", choices=("auto", "iid"), default="auto",
+                   help="the attacker's prior: 'auto' (default) fits a Gaussian data prior on --prior-samples "
+                        "calibration samples of the same data, disjoint from the assessed ones; 'iid' uses v0·I")
+    p.add_argument("--prior-samples", type=int, default=256,
+                   help="calibration samples the data prior is fitted on (default 256; fewer if the data has fewer)")
     p.add_argument("--dynamic-range", type=float, default=1.0, help="R of the inputs (default 1 for [0,1])")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -116,7 +122,19 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint:
         state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-    x, y = load_data(args.data, args.num_samples, x_key=args.x_key, y_key=args.y_key, seed=args.seed)
+    extra = args.prior_samples if args.prior == "auto" else 0
+    if extra < 0:
+        raise ValueError(f"invdefend assess: --prior-samples={extra} must be >= 0")
+    x_all, y_all = load_data(args.data, args.num_samples + extra, x_key=args.x_key, y_key=args.y_key, seed=args.seed)
+    if len(x_all) < args.num_samples:
+        raise ValueError(f"invdefend assess: --data {args.data} has {len(x_all)} samples, fewer than -n {args.num_samples}")
+    x, y = x_all[: args.num_samples], None if y_all is None else y_all[: args.num_samples]
+    calibration = x_all[args.num_samples :]
+    prior: Any = "iid" if args.prior == "iid" else "auto"
+    if args.prior == "auto" and len(calibration) >= MIN_PRIOR_SAMPLES:
+        prior = GaussianPrior.fit(calibration, min(DEFAULT_RANK, len(calibration) - 1))
+        print(f"invdefend assess: data prior fitted on {len(calibration)} calibration samples (not assessed), "
+              f"rank {prior.rank}")
     if args.target == "gradient" and y is None:
         with torch.no_grad():
             classes = model(x[:1]).shape[-1]
@@ -125,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"invdefend assess: data has no labels; using labels i mod {classes}")
     estimator = InvRE(
         model, F.cross_entropy if args.target == "gradient" else None, target=args.target, k=args.k,
-        method=args.method, tail=args.tail, rho=args.rho, dynamic_range=args.dynamic_range,
+        method=args.method, tail=args.tail, rho=args.rho, prior=prior, dynamic_range=args.dynamic_range,
         batch_size=args.batch_size, seed=args.seed, progress=args.progress,
     )
     name = Path(args.model.rsplit(":", 1)[0]).stem + ":" + args.model.rsplit(":", 1)[1]

@@ -178,3 +178,46 @@ def test_state_round_trip():
     prior = correlated_prior()
     again = GaussianPrior.from_state(prior.state_dict())
     assert torch.equal(again.covariance(), prior.covariance())
+
+
+def test_conditional_invloss_is_the_bayes_error_on_this_sample_and_averages_to_invloss():
+    from invdefend.conditional import conditional_invloss
+
+    prior = correlated_prior(d=24, rank=6)
+    d = prior.dim
+    gen = torch.Generator().manual_seed(11)
+    W = torch.randn(9, d, dtype=torch.float64, generator=gen)
+    tau = 0.03
+    C, mu = prior.covariance(), prior.mean
+    x = prior.sample(3, gen)
+    noise = NoiseModel(isotropic=tau, rho=0.0)
+    # exact spectrum, and a top-k estimate with quadrature and the Lanczos rule
+    exact = estimate_spectrum(linear_operator(W, x), 64, method="exact", prior=prior, sample_rule=True)
+    est = estimate_spectrum(linear_operator(W, x), 4, method="subspace", tail=True, slq_probes=64, slq_steps=24,
+                            prior=prior, sample_rule=True, generator=torch.Generator().manual_seed(0))
+    gain = C @ W.T @ torch.linalg.inv(W @ C @ W.T + tau * torch.eye(9, dtype=torch.float64))
+    n = 20_000
+    for b in range(3):
+        eps = math.sqrt(tau) * torch.randn(n, 9, generator=gen, dtype=torch.float64)
+        x_hat = mu + (x[b] @ W.T + eps - mu @ W.T) @ gain.T
+        mc = float((x_hat - x[b]).pow(2).mean())
+        closed = float(((torch.eye(d, dtype=torch.float64) - gain @ W) @ (x[b] - mu)).pow(2).sum()
+                       + (gain @ gain.T).trace() * tau) / d
+        assert mc == pytest.approx(closed, rel=0.02)
+        assert float(conditional_invloss(exact, noise)[b]) == pytest.approx(closed, rel=1e-8)
+        assert float(conditional_invloss(est, noise)[b]) == pytest.approx(closed, rel=0.1)
+    # averaged over samples from the prior it is InvLoss
+    many = prior.sample(3000, gen)
+    spec = estimate_spectrum(linear_operator(W, many), 64, method="exact", prior=prior, sample_rule=True)
+    assert float(conditional_invloss(spec, noise).mean()) == pytest.approx(float(invloss(spec, noise)[0]), rel=0.03)
+
+
+def test_conditional_invloss_needs_a_prior_and_a_rule():
+    from invdefend.conditional import conditional_invloss
+
+    W = torch.randn(3, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="needs a data prior"):
+        estimate_spectrum(linear_operator(W, torch.rand(1, 5, dtype=torch.float64)), 3, sample_rule=True)
+    spec = exact_spectrum(linear_operator(W, torch.rand(1, 5, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="no sample rule"):
+        conditional_invloss(spec)
