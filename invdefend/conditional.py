@@ -31,11 +31,13 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from .jacobian import JacobianOperator
+from .prior import GaussianPrior
 from .risk import NoiseModel, reference_noise
-from .spectral import Spectrum, lanczos
+from .spectral import Spectrum, estimate_spectrum, lanczos
 from .whitened import WhitenedOperator
 
-__all__ = ["SampleRule", "sample_rule", "conditional_invloss"]
+__all__ = ["SampleRule", "sample_rule", "conditional_invloss", "estimate_conditional", "with_sample_rule"]
 
 
 @dataclass
@@ -103,7 +105,7 @@ def conditional_invloss(spectrum: Spectrum, noise: NoiseModel | None = None) -> 
     if rule is None or spectrum.prior_weights is None:
         raise ValueError(
             "invdefend.conditional.conditional_invloss: the spectrum has no sample rule; estimate it with a data "
-            "prior and sample_rule=True"
+            "prior via invdefend.conditional.estimate_conditional"
         )
     noise = noise or NoiseModel()
     s = spectrum.singular_values.double()
@@ -132,3 +134,13 @@ def conditional_invloss(spectrum: Spectrum, noise: NoiseModel | None = None) -> 
 def with_sample_rule(spectrum: Spectrum, op: WhitenedOperator, *, steps: int = 24) -> Spectrum:
     """``spectrum`` with its :class:`SampleRule` attached."""
     return replace(spectrum, sample_rule=sample_rule(op, spectrum, steps=steps))
+
+
+def estimate_conditional(
+    op: JacobianOperator, k: int, *, prior: GaussianPrior, slq_steps: int = 24, **estimate: object
+) -> Spectrum:
+    """The prior-whitened spectrum of ``op`` (:func:`~invdefend.spectral.estimate_spectrum` with ``estimate``'s
+    options) with its :class:`SampleRule` (``slq_steps`` more Lanczos steps per sample)."""
+    white = WhitenedOperator(op, prior)
+    spec = estimate_spectrum(white, k, slq_steps=slq_steps, **estimate)  # type: ignore[arg-type]
+    return with_sample_rule(spec, white, steps=slq_steps)

@@ -52,7 +52,8 @@ class ReleaseRecord:
     ``risk_noise_model`` (``"full"``, or ``"floor_only"`` when the recorded risk leaves a placement's operator
     noise out); ``risk_estimate_failed`` (why no risk was recorded while the noise was released anyway);
     ``noise_parameters`` (a placement's per-probe draw parameters, e.g. ``{"band_pass_mu": [...]}``) and
-    ``draw_seconds``. ``extra`` is free-form: integrations annotate records there (Opacus's ``epsilon``).
+    ``draw_seconds``; ``risk_prior``: the attacker prior the risk is priced under (``"iid"``, ``"data"``,
+    ``"online"``). ``extra`` is free-form: integrations annotate records there (Opacus's ``epsilon``).
     """
 
     kind: str
@@ -74,6 +75,7 @@ class ReleaseRecord:
     estimate_seconds: float | None = None
     estimator_start: str = ""
     risk_noise_model: str = "full"
+    risk_prior: str = "iid"
     risk_estimate_failed: str = ""
     noise_parameters: dict[str, list[float]] = field(default_factory=dict)
     draw_seconds: float | None = None

@@ -309,23 +309,31 @@ class OnlinePrior:
         self._fitted_at = -1
 
     def update(self, inputs: Tensor) -> None:
-        """Add a batch of samples ``(B, ...)`` to the reservoir."""
-        x = inputs.detach().reshape(inputs.shape[0], *inputs.shape[1:]).to("cpu")
-        if self._buffer is not None and x.shape[1:] != self._buffer.shape[1:]:
+        """Add a batch of samples ``(B, ...)`` to the reservoir (Algorithm R: every sample seen so far is in it
+        with the same probability)."""
+        x = inputs.detach().to("cpu")
+        if x.dim() < 2:
+            raise ValueError(f"invdefend.prior.OnlinePrior.update: expected a batch (B, ...), got shape {tuple(x.shape)}")
+        if self._buffer is None:
+            self._buffer = torch.empty(self.capacity, *x.shape[1:], dtype=x.dtype)
+        elif x.shape[1:] != self._buffer.shape[1:]:
             raise ValueError(
                 f"invdefend.prior.OnlinePrior.update: samples of shape {tuple(x.shape[1:])} after samples of shape "
                 f"{tuple(self._buffer.shape[1:])}; use one OnlinePrior per input shape"
             )
         for row in x:
-            if self._buffer is None:
-                self._buffer = row.unsqueeze(0).clone()
-            elif self._buffer.shape[0] < self.capacity:
-                self._buffer = torch.cat([self._buffer, row.unsqueeze(0)])
+            if self.seen < self.capacity:
+                self._buffer[self.seen] = row
             else:
                 j = int(torch.randint(0, self.seen + 1, (1,), generator=self._gen))
                 if j < self.capacity:
                     self._buffer[j] = row
             self.seen += 1
+
+    @property
+    def stored(self) -> int:
+        """Samples held in the reservoir."""
+        return min(self.seen, self.capacity)
 
     def prior(self) -> GaussianPrior | None:
         """The prior fitted on the reservoir (refitted every ``refit_every`` new samples), or ``None`` before
@@ -333,6 +341,7 @@ class OnlinePrior:
         if self._buffer is None or self.seen < self.min_samples:
             return None
         if self._fitted is None or self.seen - self._fitted_at >= self.refit_every:
-            self._fitted = GaussianPrior.fit(self._buffer.float(), self.rank)
+            held = self._buffer[: self.stored].float()
+            self._fitted = GaussianPrior.fit(held, min(self.rank, held.shape[0] - 1))
             self._fitted_at = self.seen
         return self._fitted

@@ -429,7 +429,7 @@ def use_exact(in_dim: int, out_dim: int, k: int, exact_max_dim: int = 0) -> bool
 
 
 def estimate_spectrum(
-    op: JacobianOperator,
+    op: JacobianOperator | WhitenedOperator,
     k: int = 16,
     *,
     method: Method = "auto",
@@ -443,7 +443,6 @@ def estimate_spectrum(
     slq_steps: int = 24,
     generator: torch.Generator | None = None,
     prior: GaussianPrior | None = None,
-    sample_rule: bool = False,
 ) -> Spectrum:
     """The spectrum of ``op``: exact (:func:`exact_spectrum`) when ``method="exact"`` or, with
     ``method="auto"``, when :func:`use_exact` says so; else the top-k estimate (:func:`topk_spectrum`,
@@ -452,23 +451,14 @@ def estimate_spectrum(
 
     With a data ``prior`` (THEORY §7) the same path runs on the prior-whitened ``J̃ = J·A``
     (:class:`~invdefend.whitened.WhitenedOperator`), the quadrature's probes are mapped by ``Aᵀ``, and the
-    spectrum carries ``prior_weights = ‖A v_i‖²``: InvLoss is then the pixel-space error under that prior.
-    ``sample_rule=True`` (prior only) adds what the sample-conditional InvLoss needs
-    (:mod:`invdefend.conditional`; ``slq_steps`` more Lanczos steps per sample)."""
+    spectrum carries ``prior_weights = ‖A v_i‖²``: InvLoss is then the pixel-space error under that prior
+    (:func:`invdefend.conditional.estimate_conditional` adds what the sample-conditional InvLoss needs)."""
     if method not in ("auto", "exact", "subspace"):
         raise ValueError(f"invdefend.spectral.estimate_spectrum: method={method!r}; choose 'auto', 'exact' or 'subspace'")
-    if sample_rule and prior is None:
-        raise ValueError("invdefend.spectral.estimate_spectrum: sample_rule=True needs a data prior (prior=...)")
     if prior is not None:
         op = WhitenedOperator(op, prior)
-    spec = _estimate(op, k, method=method, exact_max_dim=exact_max_dim, tail=tail, init=init, max_sweeps=max_sweeps,
+    return _estimate(op, k, method=method, exact_max_dim=exact_max_dim, tail=tail, init=init, max_sweeps=max_sweeps,
                      tol=tol, oversample=oversample, slq_probes=slq_probes, slq_steps=slq_steps, generator=generator)
-    if sample_rule:
-        from .conditional import with_sample_rule  # the conditional error builds on this module
-
-        assert isinstance(op, WhitenedOperator)
-        spec = with_sample_rule(spec, op, steps=slq_steps)
-    return spec
 
 
 def _estimate(

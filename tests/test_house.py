@@ -18,14 +18,14 @@ SOURCES = sorted([*PACKAGE.rglob("*.py"), *(ROOT / "integrations").glob("*.py"),
 
 #: The layers of the core, bottom first: a module may import its own layer and those below, never above.
 LAYERS: dict[str, int] = {
-    "_version": 0, "stats": 0, "models": 0, "data": 0, "metrics": 0,
-    "jacobian": 1,
+    "_version": 0, "stats": 0, "models": 0, "data": 0, "metrics": 0, "prior": 0,
+    "jacobian": 1, "whitened": 1,
     "spectral": 2,
     "risk": 3, "allocation": 3, "noise": 3,
-    "noise_law": 4,
+    "noise_law": 4, "conditional": 4, "cumulative": 4,
     "placements": 5,
     "mechanisms": 6,  # compatibility re-exports
-    "defense": 7, "monitor": 6, "invre": 6, "attacks": 6,
+    "defense": 7, "monitor": 6, "invre": 6, "attacks": 6, "batch_risk": 6,
     "audit": 8, "fidelity": 8, "demo": 9, "commands": 9, "cli": 10,
 }
 

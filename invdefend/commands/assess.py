@@ -126,11 +126,12 @@ def run(args: argparse.Namespace) -> int:
     if extra < 0:
         raise ValueError(f"invdefend assess: --prior-samples={extra} must be >= 0")
     x_all, y_all = load_data(args.data, args.num_samples + extra, x_key=args.x_key, y_key=args.y_key, seed=args.seed)
-    if len(x_all) < args.num_samples:
-        raise ValueError(f"invdefend assess: --data {args.data} has {len(x_all)} samples, fewer than -n {args.num_samples}")
     x, y = x_all[: args.num_samples], None if y_all is None else y_all[: args.num_samples]
     calibration = x_all[args.num_samples :]
     prior: Any = "iid" if args.prior == "iid" else "auto"
+    if args.prior == "auto" and len(calibration) < MIN_PRIOR_SAMPLES:
+        print(f"invdefend assess: only {len(calibration)} samples beyond the assessed ones; pricing with the i.i.d. "
+              f"prior unless the assessed samples can cross-fit one (at least {2 * MIN_PRIOR_SAMPLES})")
     if args.prior == "auto" and len(calibration) >= MIN_PRIOR_SAMPLES:
         prior = GaussianPrior.fit(calibration, min(DEFAULT_RANK, len(calibration) - 1))
         print(f"invdefend assess: data prior fitted on {len(calibration)} calibration samples (not assessed), "

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..jacobian import check_dtypes, check_inputs
 from ..placements import NoisePlan, Placement
-from ..risk import NoiseModel, invloss, leakage, predicted_psnr
+from ..risk import NoiseModel, invloss, leakage, predicted_psnr, prior_mean_variance
 from ..spectral import Spectrum, estimator_error
 
 __all__ = ["DefenseError", "check_model", "check_batch", "check_placement", "risk_fields"]
@@ -49,9 +49,10 @@ def risk_fields(spec: Spectrum, plan: NoisePlan, *, rho: float, v0: float, dynam
     undefended prediction, the spectrum and the estimator's health (conservative top-k tail)."""
     noisy = invloss(spec, plan.noise_model(rho), v0=v0, tail="topk")
     clean = invloss(spec, NoiseModel(rho=rho), v0=v0, tail="topk")
+    nothing = prior_mean_variance(spec)  # a prior-whitened spectrum: leakage relative to the data prior
     return dict(
         predicted_psnr=predicted_psnr(noisy, dynamic_range).tolist(),
-        leakage=leakage(noisy, v0).tolist(),
+        leakage=leakage(noisy, v0 if nothing is None else nothing).tolist(),
         undefended_predicted_psnr=predicted_psnr(clean, dynamic_range).tolist(),
         singular_values=spec.singular_values.reshape(-1).double().tolist(),
         sweeps=spec.sweeps,

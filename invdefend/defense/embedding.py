@@ -30,7 +30,9 @@ from ..noise import NoiseSource, shaped_noise
 from ..noise_law import NoiseCovariance
 from ..placements import NoisePlan, Placement, PlanContext
 from ..spectral import Spectrum, SpectrumTracker, check_estimate
+from ..whitened import WhitenedOperator
 from .checks import DefenseError, check_batch, check_model, risk_fields
+from .prior_source import prior_source
 from .settings import DefenseSettings, SettingsAccess, pipeline_parts
 
 __all__ = ["EmbeddingDefense"]
@@ -73,6 +75,7 @@ class EmbeddingDefense(SettingsAccess):
         self.placement: Placement = parts.placement
         self.noise: NoiseSource = parts.noise
         self.estimator_generator = parts.generator
+        self.prior_source = prior_source("EmbeddingDefense", self.settings.prior)
         self.estimator = SpectrumTracker(
             s.k, exact_max_dim=s.exact_max_dim, oversample=s.oversample, sweeps=s.sweeps, cold_sweeps=s.cold_sweeps,
             max_residual=s.max_residual, warm_start=False, generator=self.estimator_generator,
@@ -133,15 +136,18 @@ class EmbeddingDefense(SettingsAccess):
         (:func:`~invdefend.spectral.check_estimate`) or raising."""
         self._busy = True
         try:
+            prior = self.prior_source.current()
             with torch.enable_grad():
-                spec = self.estimator.estimate(embedding_jacobian(self.bottom, inputs))
+                op = embedding_jacobian(self.bottom, inputs)
+                spec = self.estimator.estimate(op if prior is None else WhitenedOperator(op, prior))
         finally:
             self._busy = False
         return check_estimate(spec, self.max_residual)
 
     def plan_for(self, spec: Spectrum, energy: Tensor) -> NoisePlan:
         """Each sample's plan (absolute variances) for signal energies ``‖h_b‖²`` ``(B,)``."""
-        return self.placement.plan(PlanContext(spec, 1.0, energy, 1, self.v0, self.rho, energy.dtype))
+        v0 = 1.0 if spec.whitened else self.v0  # whitened coordinates have unit prior variance
+        return self.placement.plan(PlanContext(spec, 1.0, energy, 1, v0, self.rho, energy.dtype))
 
     # -- the release --------------------------------------------------------------------------------------
     def protect(self, inputs: Tensor, embeddings: Tensor) -> Tensor:
@@ -164,6 +170,7 @@ class EmbeddingDefense(SettingsAccess):
         spec: Spectrum | None = None
         plan: NoisePlan | None = None
         t0 = time.perf_counter()
+        prior_label = self.prior_source.label
         try:
             spec = self.estimate(inputs.detach())
             plan = self.plan_for(spec, energy)
@@ -217,9 +224,11 @@ class EmbeddingDefense(SettingsAccess):
             target_reached=target_reached,
             batch_size=B,
             estimate_seconds=estimate_seconds,
+            risk_prior=prior_label,
             **fields,
         )
         self.last_record = record
+        self.prior_source.observe(inputs)  # after pricing: a batch never prices itself
         self.monitor.emit(record)
         self.step += 1
         return embeddings + delta.view_as(embeddings).to(embeddings.dtype)

@@ -65,7 +65,9 @@ from ..noise_law import NoiseLaw
 from ..placements import NoisePlan, Placement, PlanContext
 from ..placements.base import gaussian_law
 from ..spectral import Spectrum, SpectrumTracker, check_estimate
+from ..whitened import WhitenedOperator
 from .checks import DefenseError, check_batch, check_model, risk_fields
+from .prior_source import prior_source
 from .settings import DefenseSettings, SettingsAccess, pipeline_parts
 
 __all__ = ["GradientDefense", "DefendedOptimizer", "GradientPlan"]
@@ -156,6 +158,8 @@ class GradientDefense(SettingsAccess):
         self.placement: Placement = parts.placement
         self.noise: NoiseSource = parts.noise
         self.probe_generator = parts.generator
+        self.prior_source = prior_source("GradientDefense", s.prior)
+        self._prior_label = self.prior_source.label
         self.estimator = SpectrumTracker(
             s.k, oversample=s.oversample, sweeps=s.sweeps, cold_sweeps=s.cold_sweeps, max_residual=s.max_residual,
             warm_start=True, generator=self.probe_generator,
@@ -326,8 +330,9 @@ class GradientDefense(SettingsAccess):
     def estimate(self, inputs: Tensor, targets: Tensor) -> Spectrum:
         """The probes' spectrum by :attr:`estimator`, trusted (:func:`~invdefend.spectral.check_estimate`)
         or raising."""
+        prior = self.prior_source.current()
         with self.probe_operator(inputs, targets) as op:
-            spec = self.estimator.estimate(op)
+            spec = self.estimator.estimate(op if prior is None else WhitenedOperator(op, prior))
         return check_estimate(spec, self.max_residual)
 
     def plan_for(self, spec: Spectrum, batch: int, grad_energy: float) -> tuple[GradientPlan, NoisePlan]:
@@ -338,7 +343,8 @@ class GradientDefense(SettingsAccess):
         # An all-zero gradient has no scale of its own; allocate as if it had its probes' mean energy.
         G = grad_energy if grad_energy > 0 else float(spec.signal_norm.double().pow(2).mean()) / scale
         G = max(G, 1e-300)
-        ctx = PlanContext(spec, scale, G, spec.batch_size, self.v0, self.rho, torch.float64)
+        v0 = 1.0 if spec.whitened else self.v0  # whitened coordinates have unit prior variance
+        ctx = PlanContext(spec, scale, G, spec.batch_size, v0, self.rho, torch.float64)
         eff = self.placement.plan(ctx)
         # One isotropic level per release: the largest any probe's plan asks for (all equal unless target
         # mode sized them per probe); the risk is evaluated with what is released.
@@ -381,6 +387,7 @@ class GradientDefense(SettingsAccess):
             # inputs only matter through the gradient, whose NaN/Inf _energy refuses.
             check_batch("GradientDefense", inputs)
             t0 = time.perf_counter()
+            self._prior_label = self.prior_source.label
             try:
                 spec = self.estimate(inputs, targets)
                 plan, eff = self.plan_for(spec, batch, grad_energy)
@@ -447,6 +454,7 @@ class GradientDefense(SettingsAccess):
                 rel = self._release(params, buf, views, grad_energy)
             relative_budget, target_reached = plan.relative_budget, plan.target_reached
         self._energy_last = grad_energy
+        fields["risk_prior"] = self._prior_label
         record = ReleaseRecord(
             kind=self.kind,
             step=self.step,
@@ -460,6 +468,7 @@ class GradientDefense(SettingsAccess):
             **fields,
         )
         self.last_record = record
+        self.prior_source.observe(inputs)  # after pricing: a batch never prices itself
         self.monitor.emit(record)
         self.step += 1
         return record

@@ -61,6 +61,10 @@ class DefenseSettings:
     Risk model:
         rho: the reference attacker precision; v0: prior variance per input coordinate (default
         ``dynamic_range²/12``); dynamic_range: ``R`` of the inputs.
+        prior: the attacker's data prior (THEORY §7): ``None`` (i.i.d. ``v0·I``), ``"online"`` (fitted on the
+            batches already released, :class:`invdefend.prior.OnlinePrior`), a fitted
+            :class:`~invdefend.prior.GaussianPrior` or an ``OnlinePrior``. With a prior the spectrum is that
+            of the prior-whitened Jacobian and the record prices the release under the prior.
     Noise source:
         seed: seeds the noise and the probe choice; secure_rng: draw from ``os.urandom`` (not reproducible).
     Embeddings:
@@ -89,6 +93,7 @@ class DefenseSettings:
     rho: float = DEFAULT_RHO
     v0: float | None = None
     dynamic_range: float = 1.0
+    prior: Any = None
     seed: int | None = None
     secure_rng: bool = False
     active_in_eval: bool = True
