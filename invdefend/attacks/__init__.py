@@ -11,6 +11,9 @@ Embedding attacks (vertical FL / split learning):
     :func:`invert_embedding` (optimisation), :func:`train_embedding_decoder` + :func:`decoder_attack`.
 Against a noise defense whose distribution is known:
     :class:`NoiseCovariance`, :func:`defense_aware_gradient_attack`, :func:`defense_aware_embedding_attack`.
+    Both take an optional fitted Gaussian image prior (``prior=``, :class:`invdefend.prior.GaussianPrior`).
+With a learned prior (auxiliary data disjoint from the audited samples):
+    :func:`train_gradient_decoder` + :func:`gradient_decoder_attack` (:class:`GradientDecoder`).
 """
 
 from ._common import (
@@ -42,6 +45,7 @@ from .embedding_inversion import (
 )
 from .idlg import idlg_attack, idlg_label
 from .inverting_gradients import inverting_gradients
+from .learned_prior import GradientDecoder, GradientNoiseSampler, gradient_decoder_attack, train_gradient_decoder
 
 __all__ = [
     "AttackResult",
@@ -68,4 +72,8 @@ __all__ = [
     "mean_release",
     "defense_aware_gradient_attack",
     "defense_aware_embedding_attack",
+    "GradientDecoder",
+    "GradientNoiseSampler",
+    "train_gradient_decoder",
+    "gradient_decoder_attack",
 ]

@@ -16,9 +16,10 @@ from invdefend.attacks import (
     mean_release,
     model_gradient,
 )
-from invdefend.data import load_digits_tensors
+from invdefend.data import load_digits_tensors, natural_image_patches
 from invdefend.metrics import psnr
 from invdefend.models import MLP, LeNet, uniform_init_
+from invdefend.prior import GaussianPrior
 
 D64 = torch.float64
 
@@ -179,3 +180,156 @@ def test_defense_aware_embedding_beats_naive_and_uses_releases() -> None:
     assert many.info["releases"] == 8 and one.label is None
     assert float(p_one.mean()) > float(p_naive.mean()) + 5.0
     assert float(p_many.mean()) > float(p_one.mean()) + 2.0
+
+
+# -- the Gaussian image prior (prior=GaussianPrior) ------------------------------------------------------------
+
+
+def _disjoint_aux(aux: torch.Tensor, targets: torch.Tensor, max_db: float = 20.0) -> torch.Tensor:
+    """The auxiliary patches, minus exact copies of a target and near-copies (overlapping windows of the same
+    photo, PSNR to a target above ``max_db``); asserts what is left is disjoint from the targets."""
+    a, t = aux.flatten(1).double(), targets.flatten(1).double()
+    closeness = -10 * torch.log10(torch.cdist(t, a).pow(2) / a.shape[1])
+    kept = aux[closeness.max(dim=0).values < max_db]
+    assert torch.cdist(targets.flatten(1).double(), kept.flatten(1).double()).min() > 0  # disjoint
+    return kept
+
+
+@pytest.fixture(scope="module")
+def image_prior() -> tuple[GaussianPrior, torch.Tensor]:
+    """A Gaussian prior fitted on 500 natural patches (seed 1) and 4 held-out target patches (seed 2)."""
+    targets = natural_image_patches(4, seed=2)
+    aux = _disjoint_aux(natural_image_patches(500, seed=1), targets)
+    return GaussianPrior.fit(aux), targets
+
+
+def _lenet_case(i: int, targets: torch.Tensor) -> tuple[LeNet, torch.Tensor, torch.Tensor, torch.Tensor]:
+    net = uniform_init_(LeNet(activation="sigmoid"), generator=torch.Generator().manual_seed(i))
+    x, y = targets[i : i + 1].double(), torch.tensor([i % 10])
+    return net, x, y, model_gradient(net, x, y, F.cross_entropy, dtype=D64)
+
+
+def test_prior_map_undefended_reaches_high_psnr(image_prior: tuple[GaussianPrior, torch.Tensor]) -> None:
+    """LeNet-sigmoid at uniform init, 32x32x3, batch 1, an undefended release modelled as tiny isotropic noise
+    (energy 1e-10·‖g‖²): the MAP attack with the fitted Gaussian prior, started at the prior mean, in whitened
+    coordinates. Measured on patch 1: 28.6 dB at 300 iterations (27.1 at 200; the prior mean alone: 9.7 dB)."""
+    prior, targets = image_prior
+    net, x, y, g = _lenet_case(1, targets)
+    cov = NoiseCovariance(1e-10 * float(g.pow(2).sum()) / g.numel())
+    r = defense_aware_gradient_attack(net, g, noise=cov, input_shape=x.shape, labels=y, iterations=300, prior=prior)
+    value = float(psnr(r.reconstruction, x)[0])
+    baseline = float(psnr(prior.mean.reshape(x.shape).double(), x)[0])
+    print(f"prior MAP undefended: {value:.1f} dB (prior mean {baseline:.1f} dB)")
+    assert r.info["prior"] == "gaussian" and r.info["parametrization"] == "whitened"
+    assert value > 24.0
+    assert value > baseline + 12.0
+
+
+@pytest.mark.slow
+def test_prior_map_undefended_eight_patches() -> None:
+    """The same on 8 held-out patches, each with its own LeNet (seed i, label i % 10), the prior fitted on
+    2,000 patches of another seed (near-copies of a target removed), 1000 iterations. Measured: mean 38.2 dB
+    (29.8, 35.4, 47.3, 37.8, 39.9, 33.5, 36.2, 46.1), ~270 s on a loaded machine; in a separate run, pixel
+    coordinates gave 34.2 and the i.i.d. prior from a uniform start 29.3 (DLG's must-show setting: 30.3)."""
+    targets = natural_image_patches(8, seed=2)
+    prior = GaussianPrior.fit(_disjoint_aux(natural_image_patches(2000, seed=1), targets))
+    values = []
+    for i in range(8):
+        net, x, y, g = _lenet_case(i, targets)
+        cov = NoiseCovariance(1e-10 * float(g.pow(2).sum()) / g.numel())
+        r = defense_aware_gradient_attack(net, g, noise=cov, input_shape=x.shape, labels=y, iterations=1000,
+                                          prior=prior)
+        values.append(float(psnr(r.reconstruction, x)[0]))
+    mean = sum(values) / len(values)
+    print(f"prior MAP undefended, 8 patches: {[round(v, 1) for v in values]} mean {mean:.1f} dB")
+    assert mean > 33.0
+
+
+def test_prior_beats_iid_prior_under_noise(image_prior: tuple[GaussianPrior, torch.Tensor]) -> None:
+    """Isotropic release noise of energy 1e-2·‖g‖² (known to the attacker), 3 patches, 60 iterations: the fitted
+    Gaussian prior against the i.i.d. prior N(0.5, I/12), both started at the prior mean. Measured: 19.1, 22.8,
+    26.3 dB against 11.8, 11.1, 11.2 (mean 22.7 against 11.4; with 100 iterations 23.5 against 12.1; with 8
+    patches, a prior fitted on 2,000 patches and 300 iterations 24.7 against 12.6, every patch gaining 8-19 dB)."""
+    prior, targets = image_prior
+    gp, iid = [], []
+    for i in range(3):
+        net, x, y, g = _lenet_case(i, targets)
+        sigma2 = 1e-2 * float(g.pow(2).sum()) / g.numel()
+        cov = NoiseCovariance(sigma2)
+        noisy = g + sigma2**0.5 * torch.randn(g.shape, generator=torch.Generator().manual_seed(100 + i), dtype=D64)
+        opts = dict(noise=cov, input_shape=x.shape, labels=y, iterations=60)
+        a = defense_aware_gradient_attack(net, noisy, init="prior_mean", **opts)
+        b = defense_aware_gradient_attack(net, noisy, prior=prior, **opts)
+        iid.append(float(psnr(a.reconstruction, x)[0]))
+        gp.append(float(psnr(b.reconstruction, x)[0]))
+    print(f"Gaussian prior {[round(v, 1) for v in gp]}, i.i.d. prior {[round(v, 1) for v in iid]}")
+    assert sum(gp) / 3 > sum(iid) / 3 + 6.0
+
+
+def test_iid_gaussian_prior_is_the_default_prior() -> None:
+    """prior=GaussianPrior.iid(...) in pixel coordinates is the same objective as the default i.i.d. prior."""
+    x_all, y_all = load_digits_tensors(D64)
+    torch.manual_seed(0)
+    net = MLP(64, hidden=(8,), out_features=10, activation="sigmoid").double()
+    x, y = x_all[:1].reshape(1, 64), y_all[:1]
+    g = model_gradient(net, x, y, F.cross_entropy)
+    opts = dict(noise=NoiseCovariance(1e-2), input_shape=x.shape, labels=y, iterations=20, seed=0, init="uniform")
+    a = defense_aware_gradient_attack(net, g, **opts)
+    iid = GaussianPrior.iid((64,), 1 / 12, 0.5, dtype=D64)
+    b = defense_aware_gradient_attack(net, g, prior=iid, parametrization="pixel", **opts)
+    assert a.info["prior"] == "iid" and b.info["prior"] == "gaussian"
+    assert torch.allclose(a.reconstruction, b.reconstruction, atol=1e-6)
+    c = defense_aware_gradient_attack(net, g, prior=iid, parametrization="whitened", **opts)
+    assert c.info["parametrization"] == "whitened"
+    assert torch.allclose(a.reconstruction, c.reconstruction, atol=1e-3)  # same optimum, other path
+
+
+def test_prior_embedding_attack_beats_iid_prior() -> None:
+    """Split learning: noisy embeddings of 8x8 digits; a Gaussian prior fitted on other digits (rank 16)."""
+    x_all, _ = load_digits_tensors(D64)
+    torch.manual_seed(0)
+    bottom = MLP(64, hidden=(64,), out_features=16, activation="tanh").double()
+    x, aux = x_all[:4].reshape(4, 64), x_all[100:900].reshape(800, 64)
+    prior = GaussianPrior.fit(aux, 16)
+    h = bottom(x).detach()
+    cov = NoiseCovariance(float((0.1 * h.norm(dim=1).mean()) ** 2 / 16))
+    released = h + cov.sigma2_iso**0.5 * torch.randn(h.shape, generator=torch.Generator().manual_seed(3), dtype=D64)
+    opts = dict(noise=cov, input_shape=x.shape, iterations=200)
+    a = defense_aware_embedding_attack(bottom, released, init="prior_mean", **opts)
+    b = defense_aware_embedding_attack(bottom, released, prior=prior, **opts)
+    pa, pb = float(psnr(a.reconstruction, x).mean()), float(psnr(b.reconstruction, x).mean())
+    print(f"embedding: Gaussian prior {pb:.1f} dB, i.i.d. prior {pa:.1f} dB")
+    assert b.info["prior"] == "gaussian" and b.label is None
+    assert pb > pa + 2.0
+
+
+def test_prior_options_errors() -> None:
+    x_all, y_all = load_digits_tensors(D64)
+    torch.manual_seed(0)
+    net = MLP(64, hidden=(8,), out_features=10, activation="sigmoid").double()
+    x, y = x_all[:1], y_all[:1]
+    g = model_gradient(net, x, y, F.cross_entropy)
+    prior = GaussianPrior.fit(x_all[10:200])
+    opts = dict(noise=NoiseCovariance(1e-2), input_shape=x.shape, labels=y, iterations=2)
+    with pytest.raises(ValueError, match="invdefend.attacks.defense_aware_gradient_attack: got prior= and prior_var="):
+        defense_aware_gradient_attack(net, g, prior=prior, prior_var=0.1, **opts)
+    with pytest.raises(ValueError, match="prior_mean=.*pass one or the other"):
+        defense_aware_gradient_attack(net, g, prior=prior, prior_mean=0.3, **opts)
+    with pytest.raises(ValueError, match=r"prior is over samples of shape \(64,\).*input_shape"):
+        defense_aware_gradient_attack(net, g, prior=GaussianPrior.iid((64,)), **opts)
+    with pytest.raises(ValueError, match="parametrization='whitened' needs prior="):
+        defense_aware_gradient_attack(net, g, parametrization="whitened", **opts)
+    with pytest.raises(ValueError, match="optimizer='lbfgs'"):
+        defense_aware_gradient_attack(net, g, prior=prior, parametrization="whitened", optimizer="adam", **opts)
+    with pytest.raises(ValueError, match="init tensor has shape"):
+        defense_aware_gradient_attack(net, g, init=torch.zeros(2, 1, 8, 8), **opts)
+    with pytest.raises(ValueError, match="init='zeros'.*prior_mean"):
+        defense_aware_gradient_attack(net, g, init="zeros", **opts)
+    with pytest.raises(TypeError, match="GaussianPrior"):
+        defense_aware_gradient_attack(net, g, prior="natural", **opts)  # type: ignore[arg-type]
+    # explicit None for the i.i.d. prior does not conflict; Adam runs in pixel coordinates
+    r = defense_aware_gradient_attack(net, g, prior=prior, prior_var=None, optimizer="adam", **opts)
+    assert r.info["parametrization"] == "pixel"
+    start = torch.full(x.shape, 0.25, dtype=D64)
+    r = defense_aware_gradient_attack(net, g, init=start, **opts)  # a given start
+    assert r.reconstruction.shape == x.shape
