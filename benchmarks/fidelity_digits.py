@@ -1,6 +1,6 @@
 """Fidelity of InvRE: its predicted PSNR against the PSNR of the strongest real attack, per sample.
 
-    python benchmarks/fidelity.py --quick
+    python benchmarks/fidelity_digits.py --quick
 
 Settings: LeNet-style CNNs on scikit-learn's 8x8 digits (batch of one, labels known to the attacker),
 sigmoid and ReLU, two widths, at initialisation and after a few epochs of training. For every sample:

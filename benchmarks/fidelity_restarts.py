@@ -3,7 +3,7 @@
     python benchmarks/fidelity_restarts.py                      # settings 0 3 5, 3 samples, 3 restarts
     python benchmarks/fidelity_restarts.py --settings 2 --samples 4
 
-For the first ``--samples`` held-out digits of each chosen setting of ``benchmarks/fidelity.py`` (same
+For the first ``--samples`` held-out digits of each chosen setting of ``benchmarks/fidelity_digits.py`` (same
 models, same samples), L2 gradient matching (DLG's objective) is run in float64 with Adam (lr 0.05, step
 decay) from ``--restarts`` uniform random starts. Each restart's PSNR and final relative matching loss
 ``‖g(x̂) − g‖²/‖g‖²`` are printed, next to InvRE's predicted PSNR at ``ρ = DEFAULT_RHO``. An attacker
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fidelity import SETTINGS, build_model
+from fidelity_digits import SETTINGS, build_model
 from invdefend.attacks import model_gradient
 from invdefend.attacks import FunctionalModel
 from invdefend.data import digits_split

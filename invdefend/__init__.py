@@ -21,6 +21,7 @@ from .invre import InvRE, RiskReport, estimate_embedding_spectrum, estimate_grad
 from .jacobian import JacobianOperator, embedding_jacobian, gradient_jacobian
 from .noise_law import BandPassLaw, NoiseCovariance
 from .monitor import ReleaseRecord, RiskMonitor
+from .prior import GaussianPrior, OnlinePrior
 from .risk import DEFAULT_RHO, NoiseModel, RiskEstimate, invloss, leakage, predicted_psnr
 from .spectral import Spectrum, estimate_spectrum, exact_spectrum, tail_quadrature, topk_spectrum
 
@@ -56,4 +57,6 @@ __all__ = [
     "DefenseError",
     "RiskMonitor",
     "ReleaseRecord",
+    "GaussianPrior",
+    "OnlinePrior",
 ]

@@ -1,0 +1,364 @@
+"""Fidelity of InvRE at 32×32×3: predicted PSNR against the strongest attack of the suite, per (sample, setting).
+
+    python benchmarks/fidelity.py --quick          # ≤ 40 min on 2 cores (two worker processes)
+    python benchmarks/fidelity.py                  # full: more samples, 4000 IG iterations, 2 restarts
+
+Data: RGB 32×32 patches of the nine photographs scikit-learn and scikit-image ship (label = which photo).
+The attacker's auxiliary data (the data prior, the trained models' training set) comes from the *left* half of
+every photo, the audited samples from the *right* half: no pixel is in both.
+
+Grid (settings): LeNet (DLG's CNN) with sigmoid and ReLU × at initialisation and trained (Adam on the auxiliary
+patches) × no noise and isotropic noise of relative energy E ∈ {0.01, 0.1, 1} (σ² = E·‖ḡ‖²/m, ḡ the released
+batch-mean gradient) × batch 1 and 4: 32 settings. Each audited sample is released in the 4 noise settings of its
+(model, batch) group.
+
+Attacks on every release (the strongest per sample decides, PSNR capped at ``--cap-db``):
+
+* Inverting Gradients as its authors intended: cosine + TV, signed Adam, ``--ig-iterations`` (4000; quick 2000)
+  with ``--restarts`` (2) random starts, the lowest objective kept;
+* the defense-aware MAP attack: knows the noise variance and uses the fitted Gaussian image prior, L-BFGS in
+  whitened coordinates (for the undefended release it takes a variance of ``1e-8·‖ḡ‖²/m``);
+
+(``invdefend.attacks.batched``: all releases of one model attacked at once.) Batch-4 reconstructions are matched
+to the originals by the permutation with the best mean PSNR.
+
+Predictions, per sample (per-sample units: for a batch of B the release is ``J_b x_b / B + ε``, priced as
+``J_b x_b + B·ε`` with the other samples known — the conservative treatment):
+
+* ``data_prior``: the sample-conditional InvLoss (:mod:`invdefend.conditional`) under the Gaussian prior fitted
+  on the auxiliary patches (rank ``--rank``), from the prior-whitened spectrum (top-k + weighted quadrature);
+* ``iid_prior``: today's InvLoss with ``v0 = 1/12`` from the spectrum of J.
+
+Calibration: the samples of every (model, batch) group are split into a calibration part and a disjoint held-out
+part (a sample is in one part for all its settings). On the calibration pairs only, each model picks ``ρ`` (the
+attacker precision, :data:`invdefend.fidelity.RHO_GRID`) and ``κ`` (the attacker's advantage over the linearised
+Gaussian model: it sees the noise variance divided by κ, from :data:`KAPPA_GRID`): the pair with the least mean
+absolute error among those with calibration coverage ≥ ``--coverage-target``; then both are frozen and the held-out
+figures computed. The last line is one JSON object with, for each prior, ``coverage`` (share of held-out pairs
+whose strongest-attack PSNR ≤ predicted + 1 dB), ``spearman_noisy``, ``spearman_undefended``, ``mae_db_noisy``,
+``n_pairs``, ``n_settings``, ``rho``, ``kappa``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import multiprocessing as mp
+import statistics
+import time
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from invdefend.attacks.batched import batched_gradient_attack, release_gradients
+from invdefend.conditional import conditional_invloss, estimate_conditional
+from invdefend.data import PHOTOS, photo_patches
+from invdefend.fidelity import RHO_GRID, calibration_split
+from invdefend.jacobian import gradient_jacobian
+from invdefend.metrics import psnr
+from invdefend.models import LeNet, uniform_init_
+from invdefend.prior import GaussianPrior
+from invdefend.risk import NoiseModel, invloss, predicted_psnr
+from invdefend.spectral import estimate_spectrum
+from invdefend.stats import spearman
+
+ENERGIES = (0.0, 0.01, 0.1, 1.0)
+BATCHES = (1, 4)
+KAPPA_GRID = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
+SHAPE = (3, 32, 32)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One victim model of the grid."""
+
+    activation: str
+    trained: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.activation}-{'trained' if self.trained else 'init'}"
+
+
+MODELS = (ModelSpec("sigmoid", False), ModelSpec("sigmoid", True), ModelSpec("relu", False), ModelSpec("relu", True))
+
+
+def build_model(spec: ModelSpec, x_aux: Tensor, y_aux: Tensor, *, epochs: int, seed: int) -> torch.nn.Module:
+    """LeNet for the 9 photo classes; sigmoid at DLG's uniform init, ReLU at PyTorch's; trained with Adam when
+    the spec says so."""
+    torch.manual_seed(seed)
+    model = LeNet(num_classes=len(PHOTOS), activation=spec.activation)
+    if spec.activation == "sigmoid":
+        uniform_init_(model, generator=torch.Generator().manual_seed(seed))
+    if spec.trained:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(epochs):
+            perm = torch.randperm(len(x_aux), generator=gen)
+            for start in range(0, len(perm), 64):
+                idx = perm[start : start + 64]
+                opt.zero_grad()
+                F.cross_entropy(model(x_aux[idx]), y_aux[idx]).backward()
+                opt.step()
+    return model.eval()
+
+
+def matched_psnr(rec: Tensor, orig: Tensor, cap: float) -> list[float]:
+    """Per-sample PSNR of a batch's reconstruction ``(B, ...)`` under the permutation with the best mean PSNR."""
+    B = orig.shape[0]
+    def score(a: Tensor, b: Tensor) -> float:
+        v = float(psnr(a, b))
+        return min(v, cap) if math.isfinite(v) else 0.0  # a failed (non-finite) reconstruction recovers nothing
+
+    table = [[score(rec[j], orig[i]) for j in range(B)] for i in range(B)]
+    best = max(itertools.permutations(range(B)), key=lambda p: sum(table[i][p[i]] for i in range(B)))
+    return [table[i][best[i]] for i in range(B)]
+
+
+def run_group(job: dict) -> dict:
+    """Spectra and attacks of one (model, batch) group; runs in a worker process."""
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    spec: ModelSpec = job["spec"]
+    model = LeNet(num_classes=len(PHOTOS), activation=spec.activation)
+    model.load_state_dict(job["state"])
+    model.eval()
+    prior = GaussianPrior.from_state(job["prior"])
+    x, y, B = job["x"], job["y"], job["batch"]
+    n = x.shape[0]
+    # --- predictions (per sample) ---
+    op = gradient_jacobian(model, F.cross_entropy, x, y)
+    gen = torch.Generator().manual_seed(job["seed"])
+    k = job["k"]
+    white = estimate_conditional(op, k, prior=prior, tail=True, slq_probes=8, slq_steps=32, generator=gen)
+    plain = estimate_spectrum(op, k, tail=True, slq_probes=8, slq_steps=32, generator=gen)
+    t_spec = time.perf_counter() - t0
+    # --- releases: every noise level x every batch of the group ---
+    xr = x.reshape(n // B, B, *SHAPE)
+    yr = y.reshape(n // B, B)
+    clean = release_gradients(model, xr, yr)  # (R, m)
+    m = clean.shape[1]
+    energy = clean.pow(2).sum(1)
+    releases, labels, sigma2 = [], [], []
+    noise_gen = torch.Generator().manual_seed(10_000 + job["seed"])
+    for E in ENERGIES:
+        s2 = E * energy / m
+        releases.append(clean + s2.sqrt().unsqueeze(1) * torch.randn(clean.shape, generator=noise_gen))
+        labels.append(yr)
+        sigma2.append(s2)
+    T = torch.cat(releases)
+    L = torch.cat(labels)
+    S2 = torch.cat(sigma2)
+    ig = batched_gradient_attack(model, T, L, sample_shape=SHAPE, objective="cosine", tv_weight=job["tv"],
+                                 iterations=job["ig_iterations"], restarts=job["restarts"], seed=job["seed"])
+    # The MAP attack per noise level (L-BFGS shares one line search across the releases of a call)
+    R = xr.shape[0]
+    floor = 1e-8 * energy / m
+    map_parts, map_seconds = [], 0.0
+    for ei in range(len(ENERGIES)):
+        sl = slice(ei * R, (ei + 1) * R)
+        part = batched_gradient_attack(model, T[sl], L[sl], sample_shape=SHAPE, objective="map", prior=prior,
+                                       noise_variance=torch.maximum(S2[sl], floor), tv_weight=0.0,
+                                       iterations=job["map_iterations"], restarts=1, seed=job["seed"])
+        map_parts.append(part.reconstructions)
+        map_seconds += part.seconds
+    map_recs = torch.cat(map_parts)
+    rows = []
+    for ei, E in enumerate(ENERGIES):
+        for r in range(R):
+            idx = ei * R + r
+            p_ig = matched_psnr(ig.reconstructions[idx], xr[r], job["cap"])
+            p_map = matched_psnr(map_recs[idx], xr[r], job["cap"])
+            for b in range(B):
+                rows.append({"sample": r * B + b, "energy": E, "sigma2": float(S2[idx]), "ig": p_ig[b],
+                             "map": p_map[b]})
+    # the vectors are not needed to price any noise level; keep what crosses the process boundary small
+    white = replace(white, left_vectors=None, right_vectors=None)
+    plain = replace(plain, left_vectors=None, right_vectors=None)
+    return {
+        "model": spec.name, "batch": B, "rows": rows, "white": white, "plain": plain,
+        "seconds": {"spectra": t_spec, "ig": ig.seconds, "map": map_seconds, "total": time.perf_counter() - t0},
+    }
+
+
+_CACHE: dict[tuple, Tensor] = {}
+
+
+def predict(group: dict, rows: list[dict], prior_kind: str, rho: float, kappa: float, cap: float) -> list[float]:
+    """Predicted PSNR of each row of a group under a prior kind, ``ρ`` and ``κ`` (memoised per group and
+    noise level)."""
+    B = group["batch"]
+    out = []
+    for row in rows:
+        E = row["energy"]
+        key = (id(group), E, prior_kind, rho, kappa, cap)
+        if key not in _CACHE:
+            iso = torch.tensor([r["sigma2"] for r in group["rows"] if r["energy"] == E], dtype=torch.float64)
+            per_sample = torch.zeros(len(iso), dtype=torch.float64)
+            for r, v in zip([r for r in group["rows"] if r["energy"] == E], iso):
+                per_sample[r["sample"]] = v
+            noise = NoiseModel(isotropic=(B**2) * per_sample / kappa, rho=rho)
+            if prior_kind == "data_prior":
+                il = conditional_invloss(group["white"], noise)
+            else:
+                il = invloss(group["plain"], noise, v0=1 / 12)
+            _CACHE[key] = predicted_psnr(il).clamp(max=cap)
+        out.append(float(_CACHE[key][row["sample"]]))
+    return out
+
+
+def figures(pred: list[float], att: list[float], energies: list[float]) -> dict:
+    """Coverage, Spearman (noisy / undefended), MAE (noisy) of paired predictions and attacks."""
+    noisy = [i for i, e in enumerate(energies) if e > 0]
+    clean = [i for i, e in enumerate(energies) if e == 0]
+
+    def sp(idx: list[int]) -> float:
+        p, a = [pred[i] for i in idx], [att[i] for i in idx]
+        return spearman(p, a) if len(set(p)) > 1 and len(set(a)) > 1 else float("nan")
+
+    return {
+        "coverage": sum(a <= p + 1.0 for p, a in zip(pred, att)) / len(pred),
+        "spearman_noisy": sp(noisy),
+        "spearman_undefended": sp(clean),
+        "mae_db_noisy": statistics.mean(abs(pred[i] - att[i]) for i in noisy),
+        "mean_excess_db_noisy": statistics.mean(att[i] - pred[i] for i in noisy),
+    }
+
+
+def calibrate(groups: list[dict], cal: list[tuple[int, dict]], prior_kind: str, cap: float, target: float):
+    """(ρ, κ) with the least calibration MAE among those with calibration coverage ≥ ``target`` (else the best
+    coverage)."""
+    best = None
+    for rho in RHO_GRID:
+        for kappa in KAPPA_GRID:
+            pred, att = [], []
+            for g, row in cal:
+                pred += predict(groups[g], [row], prior_kind, rho, kappa, cap)
+                att.append(max(row["ig"], row["map"]))
+            cov = sum(a <= p + 1.0 for p, a in zip(pred, att)) / len(pred)
+            mae = statistics.mean(abs(p - a) for p, a in zip(pred, att))
+            key = (cov < target, -cov if cov < target else 0.0, mae)
+            if best is None or key < best[0]:
+                best = (key, rho, kappa, cov, mae)
+    assert best is not None
+    return best[1], best[2], best[3], best[4]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer samples, 2000 IG iterations")
+    parser.add_argument("--samples", type=int, default=None, help="audited samples per (model, batch-1) group "
+                        "(batch 4 gets twice as many); default quick 4, full 8")
+    parser.add_argument("--calibration", type=int, default=None, help="calibration samples per group of batch 1 "
+                        "(twice for batch 4); default 1 quick, 2 full")
+    parser.add_argument("--ig-iterations", type=int, default=None, help="default quick 2000, full 4000")
+    parser.add_argument("--restarts", type=int, default=2)
+    parser.add_argument("--map-iterations", type=int, default=300, help="L-BFGS iterations of the MAP attack")
+    parser.add_argument("--tv", type=float, default=1e-2, help="IG's TV weight")
+    parser.add_argument("--rank", type=int, default=256, help="rank of the fitted data prior")
+    parser.add_argument("--aux", type=int, default=2000, help="auxiliary patches (prior fit, training)")
+    parser.add_argument("-k", type=int, default=48, help="singular values estimated per sample")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--cap-db", type=float, default=60.0)
+    parser.add_argument("--coverage-target", type=float, default=0.95)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    n1 = args.samples or (4 if args.quick else 8)
+    c1 = args.calibration or (1 if args.quick else 2)
+    ig_iters = args.ig_iterations or (2000 if args.quick else 4000)
+
+    x_aux, y_aux = photo_patches(args.aux, seed=args.seed, part="left")
+    prior = GaussianPrior.fit(x_aux, args.rank)
+    print(f"prior: rank {prior.rank} from {len(x_aux)} auxiliary patches (left halves), top-{prior.rank} directions "
+          f"hold {prior.explained_fraction(prior.rank):.1%} of the variance", flush=True)
+    n_audit = sum(n1 * B for B in BATCHES) * len(MODELS)
+    x_all, y_all = photo_patches(n_audit, seed=args.seed + 1, part="right")
+    jobs = []
+    offset = 0
+    for mi, spec in enumerate(MODELS):
+        model = build_model(spec, x_aux, y_aux, epochs=args.epochs, seed=args.seed + mi)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        for B in BATCHES:
+            n = n1 * B
+            jobs.append({
+                "spec": spec, "state": state, "prior": prior.state_dict(), "x": x_all[offset : offset + n],
+                "y": y_all[offset : offset + n], "batch": B, "seed": args.seed + 100 * mi + B, "k": args.k,
+                "tv": args.tv, "ig_iterations": ig_iters, "restarts": args.restarts,
+                "map_iterations": args.map_iterations, "cap": args.cap_db,
+            })
+            offset += n
+    print(f"{len(jobs)} groups, {n_audit} audited samples (right halves), {len(ENERGIES) * len(BATCHES) * len(MODELS)} "
+          f"settings; {args.workers} workers", flush=True)
+    if args.workers > 1:
+        with mp.get_context("spawn").Pool(args.workers) as pool:
+            groups = pool.map(run_group, jobs, chunksize=1)
+    else:
+        groups = [run_group(j) for j in jobs]
+    for g in groups:
+        s = g["seconds"]
+        print(f"  {g['model']:<16} B={g['batch']}: spectra {s['spectra']:.0f} s, IG {s['ig']:.0f} s, MAP {s['map']:.0f} s",
+              flush=True)
+
+    # calibration split by sample: a sample is calibration or held out in all its settings
+    sizes = [g["rows"][-1]["sample"] + 1 for g in groups]
+    per_group = [c1 * g["batch"] for g in groups]
+    cal_ids: set[tuple[int, int]] = set()
+    held_ids: set[tuple[int, int]] = set()
+    for gi, (size, pg) in enumerate(zip(sizes, per_group)):
+        cal, held = calibration_split([size], pg, seed=args.seed + gi)
+        cal_ids |= {(gi, i) for _, i in cal}
+        held_ids |= {(gi, i) for _, i in held}
+    assert not cal_ids & held_ids
+    cal_rows = [(gi, r) for gi, g in enumerate(groups) for r in g["rows"] if (gi, r["sample"]) in cal_ids]
+    held_rows = [(gi, r) for gi, g in enumerate(groups) for r in g["rows"] if (gi, r["sample"]) in held_ids]
+
+    result: dict = {}
+    for kind in ("data_prior", "iid_prior"):
+        rho, kappa, cal_cov, cal_mae = calibrate(groups, cal_rows, kind, args.cap_db, args.coverage_target)
+        pred = [predict(groups[g], [row], kind, rho, kappa, args.cap_db)[0] for g, row in held_rows]
+        att = [max(row["ig"], row["map"]) for _, row in held_rows]
+        energies = [row["energy"] for _, row in held_rows]
+        fig = figures(pred, att, energies)
+        print(f"{kind}: calibrated on {len(cal_rows)} pairs: rho {rho:.3g}, kappa {kappa:g} (calibration coverage "
+              f"{cal_cov:.2f}, MAE {cal_mae:.2f} dB); frozen", flush=True)
+        print(f"{'setting':<28}{'pred':>7}{'IG':>7}{'MAP':>7}{'best':>7}{'covered':>9}")
+        for gi, g in enumerate(groups):
+            for E in ENERGIES:
+                idx = [i for i, (gg, row) in enumerate(held_rows) if gg == gi and row["energy"] == E]
+                rows = [held_rows[i][1] for i in idx]
+                label = f"{g['model']} B={g['batch']} E={E:g}"
+                print(f"{label:<28}{statistics.mean(pred[i] for i in idx):>7.1f}"
+                      f"{statistics.mean(r['ig'] for r in rows):>7.1f}{statistics.mean(r['map'] for r in rows):>7.1f}"
+                      f"{statistics.mean(att[i] for i in idx):>7.1f}"
+                      f"{sum(att[i] <= pred[i] + 1 for i in idx):>6d}/{len(idx)}")
+        result[kind] = {
+            **{k: round(v, 4) for k, v in fig.items()}, "rho": rho, "kappa": kappa,
+            "calibration_coverage": round(cal_cov, 4), "calibration_mae_db": round(cal_mae, 3),
+        }
+    wins = {"ig": 0, "map": 0}
+    for _, row in held_rows:
+        wins["ig" if row["ig"] > row["map"] else "map"] += 1
+    out = {
+        **{k: result["data_prior"][k] for k in ("coverage", "spearman_noisy", "spearman_undefended", "mae_db_noisy")},
+        "n_pairs": len(held_rows),
+        "n_calibration_pairs": len(cal_rows),
+        "n_settings": len(ENERGIES) * len(BATCHES) * len(MODELS),
+        "data_prior": result["data_prior"],
+        "iid_prior": result["iid_prior"],
+        "strongest_attack_counts": wins,
+        "ig_iterations": ig_iters, "ig_restarts": args.restarts, "map_iterations": args.map_iterations,
+        "prior_rank": prior.rank, "quick": args.quick,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
