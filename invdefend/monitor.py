@@ -7,6 +7,9 @@ opens on a log directory), writes it under the stable tag namespace::
     invdefend/<kind>/risk/predicted_psnr_{mean,p95,max}        risk with the defense's noise
     invdefend/<kind>/risk/leakage_{mean,p95,max}
     invdefend/<kind>/risk/undefended_predicted_psnr_{mean,max} same samples, reference precision only
+    invdefend/<kind>/risk/cumulative_predicted_psnr_{mean,p95,max} over every release the batch's samples took
+                                                                part in (held-Jacobian model: a lower bound)
+    invdefend/<kind>/releases/max_count                         most releases any sample of the batch had
     invdefend/<kind>/noise/relative_energy                     E‖noise‖² / ‖signal‖²
     invdefend/<kind>/spectrum/log10_singular_values            histogram
     invdefend/<kind>/estimator/{max_residual,sweeps,seconds}    estimator error (backward error relative
@@ -52,7 +55,9 @@ class ReleaseRecord:
     ``risk_noise_model`` (``"full"``, or ``"floor_only"`` when the recorded risk leaves a placement's operator
     noise out); ``risk_estimate_failed`` (why no risk was recorded while the noise was released anyway);
     ``noise_parameters`` (a placement's per-probe draw parameters, e.g. ``{"band_pass_mu": [...]}``) and
-    ``draw_seconds``; ``risk_prior``: the attacker prior the risk is priced under (``"iid"``, ``"data"``,
+    ``draw_seconds``; ``releases`` (the most releases any sample of the batch took part in, from sample ids
+    or ``releases_per_sample``; 0 when not counted) and ``cumulative_predicted_psnr`` (per probe, over that
+    many releases, Jacobian held: a lower bound on a moving model's cumulative risk); ``risk_prior``: the attacker prior the risk is priced under (``"iid"``, ``"data"``,
     ``"online"``). ``extra`` is free-form: integrations annotate records there (Opacus's ``epsilon``).
     """
 
@@ -67,6 +72,8 @@ class ReleaseRecord:
     predicted_psnr: list[float] = field(default_factory=list)
     leakage: list[float] = field(default_factory=list)
     undefended_predicted_psnr: list[float] = field(default_factory=list)
+    cumulative_predicted_psnr: list[float] = field(default_factory=list)
+    releases: int = 0
     singular_values: list[float] = field(default_factory=list)
     sweeps: int = 0
     max_residual: float = 0.0
@@ -119,8 +126,11 @@ def record_scalars(record: ReleaseRecord, tag: Callable[[str, str], str]) -> dic
         tag(kind, "noise/relative_energy"): float(record.relative_energy),
         tag(kind, "fallback"): float(record.fallback),
     }
+    if record.releases:
+        out[tag(kind, "releases/max_count")] = float(record.releases)
     for name, values in (("predicted_psnr", record.predicted_psnr),
                          ("undefended_predicted_psnr", record.undefended_predicted_psnr),
+                         ("cumulative_predicted_psnr", record.cumulative_predicted_psnr),
                          ("leakage", record.leakage)):
         finite = [v for v in values if v == v and abs(v) != float("inf")]
         if finite:
@@ -250,7 +260,10 @@ class RiskMonitor:
             w.add_scalar(self.tag(k, "risk/target_reached"), float(r.target_reached), step)
         if r.estimate_seconds is not None:
             w.add_scalar(self.tag(k, "estimator/seconds"), float(r.estimate_seconds), step)
-        for name, values in (("predicted_psnr", r.predicted_psnr), ("leakage", r.leakage)):
+        if r.releases:
+            self._write_on_change(k, "releases/max_count", float(r.releases), step, r.refreshed)
+        for name, values in (("predicted_psnr", r.predicted_psnr), ("leakage", r.leakage),
+                             ("cumulative_predicted_psnr", r.cumulative_predicted_psnr)):
             for stat, value in finite_stats(values).items():
                 w.add_scalar(self.tag(k, f"risk/{name}_{stat}"), value, step)
         und = finite_stats(r.undefended_predicted_psnr)

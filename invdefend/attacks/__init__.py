@@ -14,6 +14,10 @@ Against a noise defense whose distribution is known:
     Both take an optional fitted Gaussian image prior (``prior=``, :class:`invdefend.prior.GaussianPrior`).
 With a learned prior (auxiliary data disjoint from the audited samples):
     :func:`train_gradient_decoder` + :func:`gradient_decoder_attack` (:class:`GradientDecoder`).
+Across releases (the same sample released in several rounds, fresh noise, the model moving):
+    :func:`multi_release_gradient_attack`.
+Many releases of one model at once (audits, the fidelity study):
+    :func:`batched_gradient_attack` (Inverting Gradients or the prior-aware MAP attack), :func:`release_gradients`.
 """
 
 from ._common import (
@@ -35,7 +39,9 @@ from .defense_aware import (
     defense_aware_gradient_attack,
     mean_release,
 )
+from .batched import BatchedAttackResult, batched_gradient_attack, release_gradients
 from .dlg import dlg
+from .multi_release import multi_release_gradient_attack
 from .embedding_inversion import (
     EmbeddingDecoder,
     NoiseSampler,
@@ -48,6 +54,10 @@ from .inverting_gradients import inverting_gradients
 from .learned_prior import GradientDecoder, GradientNoiseSampler, gradient_decoder_attack, train_gradient_decoder
 
 __all__ = [
+    "multi_release_gradient_attack",
+    "batched_gradient_attack",
+    "BatchedAttackResult",
+    "release_gradients",
     "AttackResult",
     "FunctionalModel",
     "LossFn",

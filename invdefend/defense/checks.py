@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from typing import Any
 
+from ..cumulative import cumulative_invloss
 from ..jacobian import check_dtypes, check_inputs
 from ..placements import NoisePlan, Placement
 from ..risk import NoiseModel, invloss, leakage, predicted_psnr, prior_mean_variance
@@ -44,13 +45,18 @@ def check_placement(owner: str, placement: Placement, kind: str) -> None:
                          f"releases, not {kind}; choose one of invdefend.placements.available({kind!r})")
 
 
-def risk_fields(spec: Spectrum, plan: NoisePlan, *, rho: float, v0: float, dynamic_range: float) -> dict[str, Any]:
+def risk_fields(
+    spec: Spectrum, plan: NoisePlan, *, rho: float, v0: float, dynamic_range: float, releases: int = 0
+) -> dict[str, Any]:
     """The risk a release record carries: predicted PSNR and leakage under the plan's noise model, the
-    undefended prediction, the spectrum and the estimator's health (conservative top-k tail)."""
+    undefended prediction, the spectrum and the estimator's health (conservative top-k tail); with
+    ``releases`` (the most releases any sample of the batch took part in, ≥ 1) also the cumulative
+    prediction over them (:func:`invdefend.cumulative.cumulative_invloss`: the Jacobian held at its current
+    value, a lower bound on the cumulative risk of a moving model)."""
     noisy = invloss(spec, plan.noise_model(rho), v0=v0, tail="topk")
     clean = invloss(spec, NoiseModel(rho=rho), v0=v0, tail="topk")
     nothing = prior_mean_variance(spec)  # a prior-whitened spectrum: leakage relative to the data prior
-    return dict(
+    out = dict(
         predicted_psnr=predicted_psnr(noisy, dynamic_range).tolist(),
         leakage=leakage(noisy, v0 if nothing is None else nothing).tolist(),
         undefended_predicted_psnr=predicted_psnr(clean, dynamic_range).tolist(),
@@ -59,3 +65,7 @@ def risk_fields(spec: Spectrum, plan: NoisePlan, *, rho: float, v0: float, dynam
         max_residual=estimator_error(spec),
         estimator_start=spec.extra.get("start", ""),
     )
+    if releases >= 1:
+        cum = cumulative_invloss(spec, plan.noise_model(rho), releases, v0=v0, tail="topk")
+        out["cumulative_predicted_psnr"] = predicted_psnr(cum, dynamic_range).tolist()
+    return out

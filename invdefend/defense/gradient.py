@@ -58,6 +58,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..cumulative import ReleaseLedger
 from ..jacobian import JacobianOperator, gradient_jacobian, trainable_parameters
 from ..monitor import ReleaseRecord, RiskMonitor
 from ..noise import NoiseSource
@@ -159,6 +160,8 @@ class GradientDefense(SettingsAccess):
         self.noise: NoiseSource = parts.noise
         self.probe_generator = parts.generator
         self.prior_source = prior_source("GradientDefense", s.prior)
+        self.ledger = ReleaseLedger(s.releases_per_sample)  # releases per sample, for the cumulative risk
+        self._ids: Tensor | None = None
         self._prior_label = self.prior_source.label
         self.estimator = SpectrumTracker(
             s.k, oversample=s.oversample, sweeps=s.sweeps, cold_sweeps=s.cold_sweeps, max_residual=s.max_residual,
@@ -247,9 +250,17 @@ class GradientDefense(SettingsAccess):
         if len(args) >= 2 and isinstance(args[1], Tensor):
             self._targets = args[1].detach()
 
-    def capture(self, inputs: Tensor, targets: Tensor) -> None:
-        """Tell the defense which batch produced the current gradients (for function losses)."""
+    def capture(self, inputs: Tensor, targets: Tensor, ids: Tensor | None = None) -> None:
+        """Tell the defense which batch produced the current gradients (for function losses); ``ids``
+        (integer sample identities, e.g. dataset indices) feed the cumulative risk's release counts."""
         self._inputs, self._targets = inputs.detach(), targets.detach()
+        if ids is not None:
+            self.capture_ids(ids)
+
+    def capture_ids(self, ids: Tensor) -> None:
+        """The sample identities of the next released batch (one integer per sample), for the cumulative
+        risk; used by the next :meth:`protect` only."""
+        self._ids = ids
 
     def criterion(self) -> Callable[[Tensor, Tensor], Tensor]:
         """``loss_fn`` wrapped so that calling it also captures the targets."""
@@ -381,6 +392,12 @@ class GradientDefense(SettingsAccess):
         stale = self._spectrum is not None and self._spectrum.out_dim != m
         refreshed = self.step >= self._next_refresh or stale
         fields: dict[str, Any] = {"batch_size": batch}
+        releases = 0
+        if self._ids is not None or self.ledger.releases_per_sample is not None:
+            counts = self.ledger.update(self._ids, batch_size=batch)
+            releases = int(counts.max()) if counts.numel() else 0
+            fields["releases"] = releases
+        self._ids = None
         if refreshed:
             # A batch no estimate can use (empty, integer, half precision, NaN/Inf) is an error to fix, not a
             # step to release under fallback noise. Checked where the batch is used: between refreshes the
@@ -402,7 +419,8 @@ class GradientDefense(SettingsAccess):
                 self.estimator.accept(spec)
                 self._basis_t = None
                 self._next_refresh = self.step + self.refresh_every
-                fields.update(risk_fields(spec, eff, rho=self.rho, v0=self.v0, dynamic_range=self.dynamic_range))
+                fields.update(risk_fields(spec, eff, rho=self.rho, v0=self.v0, dynamic_range=self.dynamic_range,
+                                          releases=releases))
             fields["estimate_seconds"] = time.perf_counter() - t0
         plan, spec = self._plan, self._spectrum
         reason = self._last_failure
@@ -563,6 +581,7 @@ class GradientDefense(SettingsAccess):
             "spectrum": None if self._spectrum is None else self._spectrum.state_dict(),
             "warm_spectrum": None if warm is self._spectrum or warm is None else warm.state_dict(),
             "plan": None if self._plan is None else self._plan.state_dict(),
+            "ledger": self.ledger.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -582,6 +601,8 @@ class GradientDefense(SettingsAccess):
         self._plan = None if p is None or "operator_budget" not in p else GradientPlan.from_state(p)
         if self._plan is None and self._spectrum is not None:
             self._next_refresh = self.step  # an old checkpoint without a (current) plan: re-plan at the next step
+        if state.get("ledger") is not None:
+            self.ledger.load_state_dict(state["ledger"])
 
 
 class DefendedOptimizer(torch.optim.Optimizer):

@@ -65,6 +65,8 @@ class DefenseSettings:
             batches already released, :class:`invdefend.prior.OnlinePrior`), a fitted
             :class:`~invdefend.prior.GaussianPrior` or an ``OnlinePrior``. With a prior the spectrum is that
             of the prior-whitened Jacobian and the record prices the release under the prior.
+        releases_per_sample: count every sample as released this many times in the cumulative risk
+            (e.g. the planned epochs) when the loader gives no sample ids (``capture(..., ids=...)``).
     Noise source:
         seed: seeds the noise and the probe choice; secure_rng: draw from ``os.urandom`` (not reproducible).
     Embeddings:
@@ -94,6 +96,7 @@ class DefenseSettings:
     v0: float | None = None
     dynamic_range: float = 1.0
     prior: Any = None
+    releases_per_sample: int | None = None
     seed: int | None = None
     secure_rng: bool = False
     active_in_eval: bool = True

@@ -107,3 +107,46 @@ def test_a_bad_prior_is_refused() -> None:
         GradientDefense(model, crit, prior="gaussian")
     with pytest.raises(ValueError, match="prior="):
         EmbeddingDefense(MLP(4, hidden=(4,), out_features=2), prior=0.5)
+
+
+def test_cumulative_risk_is_recorded_from_sample_ids_and_logged() -> None:
+    from invdefend.monitor import record_scalars
+
+    model, crit, x, y = make_problem(seed=0, batch=4)
+    defense = GradientDefense(model, crit, k=4, probes=2, budget=0.1, refresh_every=1, seed=0)
+    ids = torch.tensor([0, 1, 2, 3])
+    for step in range(3):
+        defense.capture(x, y, ids=ids if step < 2 else torch.tensor([0, 5, 6, 7]))
+        model.zero_grad()
+        crit(model(x), y).backward()
+        defense.protect()
+        rec = defense.last_record
+        assert rec.releases == (step + 1 if step < 2 else 3)
+        # more releases: the cumulative prediction is at least the per-release one, at most 10·log10(T) above
+        for one, cum in zip(rec.predicted_psnr, rec.cumulative_predicted_psnr):
+            assert one - 1e-9 <= cum <= one + 10 * torch.log10(torch.tensor(float(rec.releases))) + 1e-9
+    scalars = record_scalars(rec, lambda kind, name: f"{kind}/{name}")
+    assert scalars["gradient/releases/max_count"] == 3.0 and "gradient/risk/cumulative_predicted_psnr_max" in scalars
+    # the counts survive a checkpoint
+    again = GradientDefense(model, crit, k=4, probes=2, budget=0.1, refresh_every=1, seed=0)
+    again.load_state_dict(defense.state_dict())
+    assert int(again.ledger.max_count) == 3
+    # without ids or a count nothing is claimed; bad ids refuse the step
+    plain = GradientDefense(model, crit, k=4, probes=2, budget=0.1, seed=0)
+    released(plain, model, crit, x, y)
+    assert plain.last_record.releases == 0 and plain.last_record.cumulative_predicted_psnr == []
+    plain.capture(x, y, ids=torch.tensor([0.5, 1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="integer sample ids"):
+        model.zero_grad()
+        crit(model(x), y).backward()
+        plain.protect()
+
+
+def test_releases_per_sample_counts_without_ids() -> None:
+    model, crit, x, y = make_problem(seed=0, batch=4)
+    defense = GradientDefense(model, crit, k=4, probes=2, budget=0.1, seed=0, releases_per_sample=10)
+    released(defense, model, crit, x, y)
+    rec = defense.last_record
+    assert rec.releases == 10 and len(rec.cumulative_predicted_psnr) == len(rec.predicted_psnr)
+    with pytest.raises(ValueError, match="releases_per_sample"):
+        GradientDefense(model, crit, releases_per_sample=0)
