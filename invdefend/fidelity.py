@@ -1,6 +1,6 @@
 """The fidelity study's calibration helpers: split the samples, then choose the attacker precision ``ρ``.
 
-``benchmarks/fidelity.py`` measures how well InvRE's predicted PSNR ranks samples by the PSNR real attacks
+``benchmarks/fidelity.py`` (32×32×3, data prior) and ``benchmarks/fidelity_digits.py`` (8×8) measure how well InvRE's predicted PSNR ranks samples by the PSNR real attacks
 reach. InvRE has one free constant, the attacker precision ``ρ``; it is chosen on calibration samples only
 and frozen before the held-out samples are scored:
 

@@ -9,7 +9,7 @@ when ``Σ`` has variance ``τ_i`` along ``u_i``. The noise model here is the sum
 variances along the left singular directions:
 
 * the reference attacker precision ``τ_ref = (ρ·‖F(x)‖)² / m`` in every direction (always present;
-  ``ρ`` is frozen at :data:`DEFAULT_RHO` after calibration on attack runs, see ``benchmarks/fidelity.py``);
+  ``ρ`` is frozen at :data:`DEFAULT_RHO` after calibration on attack runs, see ``benchmarks/fidelity_digits.py``);
 * isotropic noise ``τ_iso`` in every direction;
 * shaped noise ``τ_shaped[i]`` along each of the spectrum's top-k ``u_i``.
 
@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 #: Reference attacker precision ρ: the relative accuracy to which a real attacker matches the shared
-#: quantity. Calibrated once by ``benchmarks/fidelity.py`` on a calibration split of attack runs (never on
+#: quantity. Calibrated once by ``benchmarks/fidelity_digits.py`` on a calibration split of attack runs (never on
 #: the samples whose correlation is reported) and frozen here.
 DEFAULT_RHO: float = 1e-3
 
