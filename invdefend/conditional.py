@@ -98,6 +98,13 @@ def sample_rule(op: WhitenedOperator, spectrum: Spectrum, *, steps: int = 24) ->
     )
 
 
+def _kept(tau: Tensor, lam: Tensor) -> Tensor:
+    """``t = τ/(τ + λ)``: the fraction of a whitened direction's prior variance the release leaves (1 where
+    ``τ + λ = 0``: nothing seen)."""
+    total = tau + lam
+    return torch.where(total > 0, tau / total.clamp_min(1e-300), torch.ones_like(total))
+
+
 def conditional_invloss(spectrum: Spectrum, noise: NoiseModel | None = None) -> Tensor:
     """Per-sample ``InvLoss(x | x)`` ``(B,)`` (module docstring) of a prior-whitened spectrum that holds a
     :class:`SampleRule` (``spectrum.sample_rule``) under ``noise``."""
@@ -114,11 +121,11 @@ def conditional_invloss(spectrum: Spectrum, noise: NoiseModel | None = None) -> 
     tau = base.unsqueeze(-1).expand_as(s).clone()
     if noise.shaped is not None:
         tau = tau + noise.shaped.double()
-    t = torch.where(tau + s**2 > 0, tau / (tau + s**2).clamp_min(1e-300), torch.ones_like(s))
+    t = _kept(tau, s**2)
     bias = rule.root_vectors.double() @ (t * rule.coords.double()).unsqueeze(-1)  # (B, d, 1)
     theta, Y = torch.linalg.eigh(rule.tail_tridiagonal.double())  # (B, n), (B, n, n)
     b = base.view(-1, 1)
-    f = torch.where(b + theta.clamp_min(0) > 0, b / (b + theta.clamp_min(0)).clamp_min(1e-300), torch.ones_like(theta))
+    f = _kept(b, theta.clamp_min(0))
     tail_vec = Y @ (f * Y[:, 0, :]).unsqueeze(-1)  # f(T) e1, (B, n, 1)
     bias = bias + rule.tail_norm.double().view(-1, 1, 1) * (rule.tail_root_basis.double() @ tail_vec)
     variance = (spectrum.prior_weights.double() * t * (1 - t)).sum(dim=-1)
@@ -126,7 +133,7 @@ def conditional_invloss(spectrum: Spectrum, noise: NoiseModel | None = None) -> 
         q = spectrum.tail
         nodes = q.nodes.double()
         bq = base.view(-1, 1, 1)
-        tq = torch.where(bq + nodes > 0, bq / (bq + nodes).clamp_min(1e-300), torch.ones_like(nodes))
+        tq = _kept(bq, nodes)
         variance = variance + (q.weights.double() * tq * (1 - tq)).sum(dim=(-1, -2))
     return ((bias.squeeze(-1) ** 2).sum(dim=-1) + variance) / spectrum.in_dim
 

@@ -218,7 +218,10 @@ class GaussianPrior:
         return float(lam[:directions].sum() / self.trace)
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "GaussianPrior":
-        """The same prior in another dtype or on another device."""
+        """The same prior in another dtype or on another device (itself when nothing changes: the square
+        root's factors are not recomputed)."""
+        if (dtype is None or dtype == self.mean.dtype) and (device is None or torch.device(device) == self.mean.device):
+            return self
         move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
         return GaussianPrior(
             move(self.mean), move(self.basis), move(self.variances), move(self.diagonal), self.sample_shape

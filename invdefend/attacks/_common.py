@@ -35,6 +35,10 @@ __all__ = [
     "total_variation",
     "make_generator",
     "check_input_shape",
+    "DefaultFloat",
+    "IID_PRIOR_MEAN",
+    "IID_PRIOR_VAR",
+    "check_prior_replaces_iid",
     "check_positive",
     "minimize_lbfgs",
     "projected_adam",
@@ -355,3 +359,25 @@ class Timer:
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self._t0
+
+
+class DefaultFloat(float):
+    """A float default that remembers it was not passed, so that ``prior=`` can tell an explicit i.i.d.
+    prior from the default one."""
+
+
+#: The attacks' default i.i.d. prior ``N(0.5, 1/12·I)`` (uniform on [0, 1]), marked as not passed.
+IID_PRIOR_MEAN = DefaultFloat(0.5)
+IID_PRIOR_VAR = DefaultFloat(1.0 / 12.0)
+
+
+def check_prior_replaces_iid(where: str, prior_mean: object, prior_var: object) -> None:
+    """Refuse ``prior=`` given together with an explicit ``prior_mean=``/``prior_var=``: the prior object
+    replaces the i.i.d. prior."""
+    explicit = [n for n, v in (("prior_var", prior_var), ("prior_mean", prior_mean))
+                if v is not None and not isinstance(v, DefaultFloat)]
+    if explicit:
+        raise ValueError(
+            f"invdefend.{where}: got prior= and {' and '.join(explicit)}=; the prior object replaces the i.i.d. "
+            "prior N(prior_mean, prior_var·I), so pass one or the other (GaussianPrior.iid(...) is the i.i.d. one)"
+        )

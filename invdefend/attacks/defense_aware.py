@@ -28,6 +28,8 @@ from torch import Tensor, nn
 from ..noise_law import NoiseCovariance
 from ..prior import GaussianPrior
 from ._common import (
+    IID_PRIOR_MEAN,
+    IID_PRIOR_VAR,
     AttackResult,
     FunctionalModel,
     LossFn,
@@ -36,6 +38,7 @@ from ._common import (
     as_flat_gradient,
     check_input_shape,
     check_positive,
+    check_prior_replaces_iid,
     make_generator,
     minimize_lbfgs,
     projected_adam,
@@ -46,13 +49,7 @@ from .dlg import check_labels, random_start
 __all__ = ["NoiseCovariance", "defense_aware_gradient_attack", "defense_aware_embedding_attack", "mean_release"]
 
 
-class _Default(float):
-    """A float default that remembers it was not passed (so that ``prior=`` can tell an explicit i.i.d. prior
-    from the default one)."""
-
-
-_IID_MEAN = _Default(0.5)
-_IID_VAR = _Default(1.0 / 12.0)
+_IID_MEAN, _IID_VAR = IID_PRIOR_MEAN, IID_PRIOR_VAR
 Parametrization = Literal["auto", "pixel", "whitened"]
 
 
@@ -95,13 +92,7 @@ def _resolve_prior(
             f"invdefend.{where}: prior must be an invdefend.prior.GaussianPrior (e.g. GaussianPrior.fit(aux_images)), "
             f"got {type(prior).__name__}"
         )
-    explicit = [n for n, v, d in (("prior_var", prior_var, _IID_VAR), ("prior_mean", prior_mean, _IID_MEAN))
-                if v is not None and v is not d]
-    if explicit:
-        raise ValueError(
-            f"invdefend.{where}: got prior= and {' and '.join(explicit)}=; the GaussianPrior replaces the i.i.d. "
-            f"prior N(prior_mean, prior_var·I), so pass one or the other (GaussianPrior.iid(...) is the i.i.d. one)"
-        )
+    check_prior_replaces_iid(where, prior_mean, prior_var)
     if tuple(prior.sample_shape) != tuple(shape[1:]):
         raise ValueError(
             f"invdefend.{where}: prior is over samples of shape {tuple(prior.sample_shape)} but input_shape is "

@@ -25,7 +25,10 @@ from torch import Tensor, nn
 
 from ..noise_law import NoiseCovariance
 from ._common import (
+    IID_PRIOR_MEAN,
+    IID_PRIOR_VAR,
     AttackResult,
+    DefaultFloat,
     FunctionalModel,
     LossFn,
     Mode,
@@ -33,6 +36,7 @@ from ._common import (
     as_flat_gradient,
     check_input_shape,
     check_positive,
+    check_prior_replaces_iid,
     make_generator,
     projected_adam,
     total_variation,
@@ -42,12 +46,7 @@ from .dlg import check_labels, random_start
 __all__ = ["multi_release_gradient_attack"]
 
 
-class _DefaultFloat(float):
-    """A float default that remembers it was not passed (``prior=`` replaces the default i.i.d. prior)."""
-
-
-_IID_MEAN = _DefaultFloat(0.5)
-_IID_VAR = _DefaultFloat(1.0 / 12.0)
+_IID_MEAN, _IID_VAR = IID_PRIOR_MEAN, IID_PRIOR_VAR
 
 
 def _per_round(value: Any, rounds: int, name: str, where: str) -> list[Any]:
@@ -142,13 +141,7 @@ def multi_release_gradient_attack(
                 f"invdefend.{where}: prior must have a neg_log_density(x) method (e.g. invdefend.prior.GaussianPrior), "
                 f"got {type(prior).__name__}"
             )
-        explicit = [n for n, v, d in (("prior_var", prior_var, _IID_VAR), ("prior_mean", prior_mean, _IID_MEAN))
-                    if v is not None and v is not d]
-        if explicit:
-            raise ValueError(
-                f"invdefend.{where}: got prior= and {' and '.join(explicit)}=; the prior object replaces the i.i.d. "
-                "prior N(prior_mean, prior_var·I), so pass one or the other"
-            )
+        check_prior_replaces_iid(where, prior_mean, prior_var)
         prior_var = None
     if prior_var is not None and not prior_var > 0:
         raise ValueError(f"invdefend.{where}: prior_var={prior_var} must be > 0, or None for no Gaussian prior")
@@ -188,7 +181,7 @@ def multi_release_gradient_attack(
                 raise ValueError(f"invdefend.{where}: noise[{t}]: a shared gradient has one noise basis, (m, r)")
             items.append((flat, cov, cov.eigenbasis(fm.dtype)))
         work = next(iter(groups.values()))[0].dtype
-        mu = None if prior_mean is None else torch.as_tensor(float(prior_mean) if isinstance(prior_mean, _DefaultFloat)
+        mu = None if prior_mean is None else torch.as_tensor(float(prior_mean) if isinstance(prior_mean, DefaultFloat)
                                                              else prior_mean, dtype=work)
 
         def objective(x: Tensor) -> Tensor:
