@@ -108,6 +108,7 @@ def batched_gradient_attack(
     loss_fn: LossFn = F.cross_entropy,
     seed: int | None = None,
     generator: torch.Generator | None = None,
+    init: Tensor | None = None,
 ) -> BatchedAttackResult:
     """Attack ``N`` independent releases of one model at once.
 
@@ -125,6 +126,8 @@ def batched_gradient_attack(
         lr: Adam step (default 0.1 for cosine, 0.02 for map), decayed ×0.1 at 3/8, 5/8, 7/8 of the run.
         restarts: independent starts per release; the lowest final objective is kept.
         loss_fn, seed, generator: the training loss; the random starts' source.
+        init: optional ``(N, B, ...)`` start of restart 0 (for example another attack's reconstructions: the
+            attacker chains attacks); the other restarts start as usual.
     """
     where = "attacks.batched_gradient_attack"
     if objective not in ("cosine", "map"):
@@ -160,6 +163,15 @@ def batched_gradient_attack(
             )
     elif prior is not None or noise_variance is not None:
         raise ValueError(f"invdefend.{where}: prior= and noise_variance= are for objective='map' only")
+    if init is not None:
+        if tuple(init.shape) != (N, B, *shape):
+            raise ValueError(
+                f"invdefend.{where}: init must have shape {(N, B, *shape)} (releases, batch, sample); got "
+                f"{tuple(init.shape)}"
+            )
+        if not bool(torch.isfinite(init).all()):
+            raise ValueError(f"invdefend.{where}: init has non-finite entries")
+        init = init.detach().to(dtype)
     buffers = {k: v.detach() for k, v in model.named_buffers()}
     release = vmap(_release_fn(model, loss_fn, params, buffers))
     gen = make_generator(generator, seed, where)
@@ -185,7 +197,7 @@ def batched_gradient_attack(
     t0 = time.perf_counter()
     if objective == "map" and pri is not None:
         try:
-            return _whitened_map(per_release, pri, N, B, shape, iterations, restarts, gen, dtype, t0)
+            return _whitened_map(per_release, pri, N, B, shape, iterations, restarts, gen, dtype, t0, init)
         finally:
             model.train(was_training)
     best_x: Tensor | None = None
@@ -193,8 +205,8 @@ def batched_gradient_attack(
     finals = []
     try:
         for r in range(restarts):
-            if objective == "map" and pri is not None and r == 0:
-                x0 = pri.mean.reshape(1, 1, *shape).expand(N, B, *shape).clone()
+            if r == 0 and init is not None:
+                x0 = init.clone()
             else:
                 x0 = torch.rand((N, B, *shape), generator=gen, dtype=dtype)
             x = x0.requires_grad_(True)
@@ -226,13 +238,17 @@ def batched_gradient_attack(
 
 def _whitened_map(
     per_release, prior: GaussianPrior, N: int, B: int, shape: tuple[int, ...], iterations: int, restarts: int,
-    gen: torch.Generator, dtype: torch.dtype, t0: float,
+    gen: torch.Generator, dtype: torch.dtype, t0: float, init: Tensor | None = None,
 ) -> BatchedAttackResult:
-    """The MAP objective over whitened coordinates with L-BFGS (restart 0 from the prior mean, the others from
-    ``z ~ N(0, 0.25·I)``); the kept iterate is clamped to ``[0, 1]``. Each release's objective is divided by
-    its value at the start (same minimiser) so that one joint line search serves releases of very different
-    scales; a release whose iterate diverges (non-finite) falls back to its start. Group releases of similar
-    noise levels in one call: L-BFGS's shared curvature model still favours the stiffest problems."""
+    """The MAP objective over whitened coordinates with L-BFGS (restart 0 from ``init`` or else the prior mean,
+    the others from ``z ~ N(0, 0.25·I)``); the kept iterate is clamped to ``[0, 1]``. Each release's objective
+    is divided by its value at the start (same minimiser) so that one joint line search serves releases of very
+    different scales; a release whose iterate diverges (non-finite) falls back to its start. Group releases of
+    similar noise levels in one call: L-BFGS's shared curvature model still favours the stiffest problems.
+
+    L-BFGS stops early when its curvature pairs stop giving a descent direction, which happens at the kinks of
+    ReLU networks' gradients; the run then continues from where it stopped with a fresh history until
+    ``iterations`` are spent or a fresh start makes no progress."""
     d = prior.dim
 
     def x_of(z: Tensor) -> Tensor:
@@ -242,21 +258,32 @@ def _whitened_map(
     best_loss = torch.full((N,), math.inf, dtype=dtype)
     finals = []
     for r in range(restarts):
-        z0 = torch.zeros(N * B, d, dtype=dtype) if r == 0 else 0.5 * torch.randn(N * B, d, generator=gen, dtype=dtype)
-        z = z0.requires_grad_(True)
-        opt = torch.optim.LBFGS([z], lr=1.0, max_iter=iterations, history_size=50, line_search_fn="strong_wolfe",
-                                tolerance_grad=0.0, tolerance_change=0.0)
+        if r == 0:
+            z0 = (torch.zeros(N * B, d, dtype=dtype) if init is None
+                  else prior.whiten(init.reshape(N * B, *shape)).to(dtype))
+        else:
+            z0 = 0.5 * torch.randn(N * B, d, generator=gen, dtype=dtype)
+        z = z0.clone().requires_grad_(True)
 
         with torch.no_grad():  # each release's objective in units of its value at the start: the argmin is
             scale = per_release(x_of(z0)).detach().abs().clamp_min(1e-30)  # unchanged, the line search balanced
 
-        def closure() -> Tensor:
-            opt.zero_grad()
-            loss = (per_release(x_of(z)) / scale).sum()
-            loss.backward()
-            return loss
+        spent = 0
+        while spent < iterations:
+            opt = torch.optim.LBFGS([z], lr=1.0, max_iter=iterations - spent, history_size=50,
+                                    line_search_fn="strong_wolfe", tolerance_grad=0.0, tolerance_change=0.0)
 
-        opt.step(closure)
+            def closure() -> Tensor:
+                opt.zero_grad()
+                loss = (per_release(x_of(z)) / scale).sum()
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            steps = int(opt.state[z].get("n_iter", 0))
+            spent += max(steps, 1)
+            if steps <= 1 or not bool(torch.isfinite(z).all()):
+                break  # a fresh history made no progress (or diverged): stop here
         with torch.no_grad():
             zz = z.detach()
             bad = ~torch.isfinite(zz).reshape(N, -1).all(dim=1)  # a diverged release: back to its start
