@@ -16,6 +16,7 @@ smallest energy whose InvLoss reaches a target (target mode).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -24,13 +25,19 @@ from torch import Tensor
 __all__ = ["water_filling", "water_filling_at_level", "water_filling_for_target", "placement_variances"]
 
 
-def water_filling_at_level(singular_values: Tensor, level: Tensor, v0: float, base: Tensor | float = 0.0) -> Tensor:
-    """``τ_i = (v0·s_i·(c − s_i) − base)_+`` for a water level ``c`` per sample (``(B,)``)."""
+def water_filling_at_level(
+    singular_values: Tensor, level: Tensor, v0: float, base: Tensor | float = 0.0, weights: Tensor | None = None
+) -> Tensor:
+    """``τ_i = (s̃_i·(c·√w_i − s̃_i) − base)_+`` for a water level ``c`` per sample (``(B,)``), with
+    ``s̃_i = √v0·s_i`` and weights ``w_i`` (``v0`` when None, which gives ``v0·s_i·(c − s_i) − base``)."""
     s = singular_values
     base_t = torch.as_tensor(base, dtype=s.dtype, device=s.device)
     if base_t.dim() == 1:
         base_t = base_t.unsqueeze(-1)
-    return (v0 * s * (level.unsqueeze(-1) - s) - base_t).clamp_min(0.0)
+    if weights is None:
+        return (v0 * s * (level.unsqueeze(-1) - s) - base_t).clamp_min(0.0)
+    st = math.sqrt(v0) * s
+    return (st * (level.unsqueeze(-1) * weights.to(s).sqrt() - st) - base_t).clamp_min(0.0)
 
 
 def water_filling(
@@ -39,6 +46,7 @@ def water_filling(
     v0: float,
     base: Tensor | float = 0.0,
     *,
+    weights: Tensor | None = None,
     iterations: int = 100,
 ) -> Tensor:
     """Water-filling variances ``(B, k)`` whose sum is ``energy`` per sample (``(B,)`` or scalar).
@@ -46,8 +54,11 @@ def water_filling(
     Args:
         singular_values: ``(B, k)`` (or ``(k,)``) top singular values of each sample's Jacobian.
         energy: noise energy ``Σ τ_i`` to place per sample, in absolute units (> 0).
-        v0: prior variance per input coordinate.
+        v0: prior variance per input coordinate (1 for a prior-whitened spectrum).
         base: variance already present in every direction (e.g. the reference attacker precision).
+        weights: ``(B, k)`` the pixel-error weight of each direction, ``w_i = ‖A v_i‖²`` for the spectrum of
+            the prior-whitened ``J·A`` (THEORY §8.5): the allocation then maximises the attacker's pixel error
+            ``Σ w_i (b+τ_i)/(b+τ_i+s̃_i²)``, not the whitened one. None: ``w_i = v0`` (the i.i.d. prior).
     """
     s = singular_values if singular_values.dim() == 2 else singular_values.unsqueeze(0)
     E = torch.as_tensor(energy, dtype=s.dtype, device=s.device).expand(s.shape[0])
@@ -58,21 +69,38 @@ def water_filling(
     if not torch.isfinite(s).all():
         raise ValueError("invdefend.allocation.water_filling: singular values contain NaN/Inf")
     s64, E64 = s.double(), E.double()
+    tiny = torch.finfo(torch.float64).tiny
+    w64: Tensor | None = None
+    if weights is not None:
+        w = weights if weights.dim() == 2 else weights.unsqueeze(0)
+        if w.shape != s.shape or not torch.isfinite(w).all() or (w < 0).any():
+            raise ValueError(
+                f"invdefend.allocation.water_filling: weights must be finite, >= 0 and shaped like the singular "
+                f"values {tuple(s.shape)}; got {tuple(w.shape)}"
+            )
+        w64 = w.double().clamp_min(tiny)
     base64 = torch.as_tensor(base, dtype=torch.float64, device=s.device)
     if base64.dim() == 1:
         base64 = base64.unsqueeze(-1)
-    # The level at which direction i starts receiving noise: v0 s (c - s) = base -> c = s + base/(v0 s).
-    s_pos = s64.clamp_min(torch.finfo(torch.float64).tiny)
-    onset = s_pos + base64 / (v0 * s_pos)
+    # Direction i starts receiving noise at the level c where s̃(c√w − s̃) = base: c = (s̃ + base/s̃)/√w;
+    # above its onset it takes s̃√w per unit of level, so max onset + E/Σ s̃√w places at least E.
+    if weights is None:  # the i.i.d. form, kept operation for operation (seeded releases stay bitwise the same)
+        s_pos = s64.clamp_min(tiny)
+        slope_sum = v0 * s_pos.sum(dim=-1)
+        onset = s_pos + base64 / (v0 * s_pos)
+    else:
+        st = (math.sqrt(v0) * s64).clamp_min(tiny)
+        slope_sum = (st * w64.sqrt()).sum(dim=-1)
+        onset = (st + base64 / st) / w64.sqrt()
     lo = onset.min(dim=-1).values
-    hi = onset.max(dim=-1).values + E64 / (v0 * s_pos.sum(dim=-1)) + 1e-12
+    hi = onset.max(dim=-1).values + E64 / slope_sum + 1e-12
     for _ in range(iterations):
         mid = 0.5 * (lo + hi)
-        placed = water_filling_at_level(s64, mid, v0, base64).sum(dim=-1)
+        placed = water_filling_at_level(s64, mid, v0, base64, w64).sum(dim=-1)
         too_much = placed > E64
         hi = torch.where(too_much, mid, hi)
         lo = torch.where(too_much, lo, mid)
-    tau = water_filling_at_level(s64, hi, v0, base64)
+    tau = water_filling_at_level(s64, hi, v0, base64, w64)
     total = tau.sum(dim=-1, keepdim=True)
     tau = torch.where(total > 0, tau * (E64.unsqueeze(-1) / total.clamp_min(1e-300)), tau)
     out = tau.to(s.dtype)
@@ -87,6 +115,7 @@ def water_filling_for_target(
     base: Tensor | float = 0.0,
     *,
     max_energy: Tensor | float,
+    weights: Tensor | None = None,
     iterations: int = 60,
 ) -> tuple[Tensor, Tensor]:
     """The smallest water-filling allocation whose InvLoss reaches ``target_invloss``.
@@ -97,6 +126,7 @@ def water_filling_for_target(
         target_invloss: InvLoss to reach per sample.
         max_energy: the largest energy allowed per sample; where even that misses the target, the
             allocation at ``max_energy`` is returned and ``reached`` is False for that sample.
+        weights: the pixel-error weights of a prior-whitened spectrum (:func:`water_filling`).
 
     Returns:
         ``(tau, reached)``: variances ``(B, k)`` and a ``(B,)`` bool.
@@ -104,16 +134,16 @@ def water_filling_for_target(
     s = singular_values
     target = torch.as_tensor(target_invloss, dtype=torch.float64, device=s.device).expand(s.shape[0])
     cap = torch.as_tensor(max_energy, dtype=s.dtype, device=s.device).expand(s.shape[0])
-    tau_cap = water_filling(s, cap, v0, base)
+    tau_cap = water_filling(s, cap, v0, base, weights=weights)
     reached = invloss_of(tau_cap).double() >= target
     lo = torch.zeros_like(cap, dtype=torch.float64)
     hi = cap.double().clone()
     for _ in range(iterations):
         mid = 0.5 * (lo + hi)
-        ok = invloss_of(water_filling(s, mid.to(s.dtype), v0, base)).double() >= target
+        ok = invloss_of(water_filling(s, mid.to(s.dtype), v0, base, weights=weights)).double() >= target
         hi = torch.where(ok, mid, hi)
         lo = torch.where(ok, lo, mid)
-    tau = water_filling(s, hi.to(s.dtype), v0, base)
+    tau = water_filling(s, hi.to(s.dtype), v0, base, weights=weights)
     tau = torch.where(reached.unsqueeze(-1), tau, tau_cap)
     return tau, reached
 

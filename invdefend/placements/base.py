@@ -65,6 +65,13 @@ class PlanContext:
         return self.spectrum.singular_values.to(self.dtype)
 
     @property
+    def weights(self) -> Tensor | None:
+        """``(P, k)`` the pixel-error weights ``‖A v_i‖²`` when the spectrum is prior-whitened (THEORY §8.5),
+        else None (the i.i.d. prior: every direction weighs ``v0``)."""
+        w = self.spectrum.prior_weights
+        return None if w is None else w.to(self.dtype)
+
+    @property
     def out_dim(self) -> int:
         """``m``, the shared quantity's size."""
         return self.spectrum.out_dim

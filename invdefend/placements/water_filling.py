@@ -1,4 +1,6 @@
-"""Water-filling on the tracked top-k spectrum: the InvLoss-optimal allocation under an i.i.d. prior (THEORY §4)."""
+"""Water-filling on the tracked top-k spectrum: the InvLoss-optimal allocation under the i.i.d. prior (THEORY §4),
+and under a Gaussian data prior on the prior-whitened spectrum, weighted by each direction's pixel variance
+(THEORY §8.5)."""
 
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ class WaterFilling(Placement):
     """Per probe, energy ``scale·budget·energy/shares`` water-filled over its top-k left singular directions
     (:func:`invdefend.allocation.water_filling`), on top of the reference precision and any noise placed
     before it (``prior``, e.g. a floor). Registered as ``"spectral"``. Between refreshes the plan is reused,
-    rescaled to the step's signal energy.
+    rescaled to the step's signal energy. When the defense prices with a data prior the spectrum is that of
+    ``J·A`` and the allocation is weighted by ``w_i = ‖A v_i‖²``: ``τ_i = (s̃_i(c√w_i − s̃_i) − b)_+``, the
+    attacker's pixel error maximised (THEORY §8.5).
 
     A defense-aware attacker whitens this placement away on the directions it leaves noise-free
     (``docs/frontier.md``); chain it after an isotropic floor."""
@@ -33,7 +37,7 @@ class WaterFilling(Placement):
         prior = prior if prior is not None else ctx.nothing()
         energy = ctx.scale * self.budget * ctx.energy / ctx.shares
         tau = water_filling(ctx.singular_values, energy, ctx.v0, ctx.reference + prior.isotropic,
-                            iterations=self.iterations)
+                            weights=ctx.weights, iterations=self.iterations)
         return prior.add_shaped(tau)
 
     def with_budget(self, budget: float | Tensor) -> "WaterFilling":

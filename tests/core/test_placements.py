@@ -42,6 +42,23 @@ def test_isotropic_and_water_filling_plans_by_hand() -> None:
     assert wf.risk_noise_model == "full"
 
 
+def test_water_filling_on_a_whitened_spectrum_uses_the_pixel_weights() -> None:
+    """With a data prior the spectrum is that of J·A and carries w_i = ‖A v_i‖²; the plan is the weighted
+    allocation (THEORY §8.5), which differs from the unweighted one when the weights differ."""
+    ctx = _ctx()
+    w = torch.tensor([[0.02, 1.0, 0.5], [1.5, 0.01, 0.3]], dtype=torch.float64)
+    spec = Spectrum(singular_values=ctx.singular_values, right_vectors=None, left_vectors=None, in_dim=3, out_dim=50,
+                    signal_norm=ctx.spectrum.signal_norm, method="exact", complete=True, prior_weights=w)
+    wctx = PlanContext(spec, 4.0, 2.0, 2, 1.0, 0.01)
+    assert torch.equal(wctx.weights, w) and ctx.weights is None
+    plan = WaterFilling(budget=0.3).plan(wctx)
+    base = reference_noise(spec.signal_norm, 50, 0.01)
+    expected = water_filling(ctx.singular_values, 4.0 * 0.3 * 2.0 / 2, 1.0, base, weights=w, iterations=60)
+    assert torch.equal(plan.shaped, expected)
+    unweighted = water_filling(ctx.singular_values, 4.0 * 0.3 * 2.0 / 2, 1.0, base, iterations=60)
+    assert (plan.shaped - unweighted).abs().max() > 0.05
+
+
 def test_a_chain_plans_the_floor_first_and_targets_its_last_member() -> None:
     ctx = _ctx()
     chain = Chain((Isotropic(budget=0.1), WaterFilling(budget=0.3)))
