@@ -92,8 +92,13 @@ def water_filling(
         st = (math.sqrt(v0) * s64).clamp_min(tiny)
         slope_sum = (st * w64.sqrt()).sum(dim=-1)
         onset = (st + base64 / st) / w64.sqrt()
-    lo = onset.min(dim=-1).values
-    hi = onset.max(dim=-1).values + E64 / slope_sum + 1e-12
+    # a direction with s = 0 (outside range(J), e.g. a dead ReLU path, or past the rank) carries nothing to
+    # hide and never takes noise: its onset is infinite and stays out of the bracket
+    live = s64 > 0 if w64 is None else (s64 > 0) & (w64 > tiny)
+    any_live = live.any(dim=-1)
+    lo = torch.where(any_live, onset.masked_fill(~live, math.inf).min(dim=-1).values, 0.0)
+    hi = torch.where(any_live, onset.masked_fill(~live, -math.inf).max(dim=-1).values + E64 / slope_sum + 1e-12,
+                     0.0)
     for _ in range(iterations):
         mid = 0.5 * (lo + hi)
         placed = water_filling_at_level(s64, mid, v0, base64, w64).sum(dim=-1)

@@ -265,3 +265,15 @@ def test_weighted_water_filling_with_constant_weights_is_the_iid_form():
         water_filling(s, 0.3, V0, weights=torch.ones(1, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="weights"):
         water_filling(s, 0.3, V0, weights=-torch.ones_like(s))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_water_filling_skips_directions_outside_the_range(weighted: bool):
+    """A zero singular value (a dead ReLU path, a direction past the rank) carries nothing to hide: it gets no
+    noise and does not poison the water level (it once turned the whole plan into NaN)."""
+    s = torch.tensor([[3.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    w = torch.tensor([[0.5, 1.0, 0.7, 0.0], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64) if weighted else None
+    tau = water_filling(s, 0.4, 1.0, 1e-6, weights=w)
+    assert torch.isfinite(tau).all()
+    assert float(tau[0].sum()) == pytest.approx(0.4, rel=1e-9) and float(tau[0, 2:].abs().max()) == 0.0
+    assert float(tau[1].abs().max()) == 0.0  # nothing in range: nothing shaped (the floor is the caller's)
