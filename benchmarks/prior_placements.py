@@ -34,6 +34,7 @@ first).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -115,7 +116,7 @@ def energy_ratio(target: float, E: float, iso: dict[float, float]) -> tuple[floa
     """The isotropic energy whose mean PSNR equals ``target`` (log-linear interpolation over the sweep), over
     ``E``; ``(ratio, True)`` when the sweep's largest energy still attacks better (then a lower bound)."""
     pts = sorted(iso.items())
-    for (e0, p0), (e1, p1) in zip(pts, pts[1:]):
+    for (e0, p0), (e1, p1) in itertools.pairwise(pts):
         if p0 >= target >= p1:
             f = 0.0 if p0 == p1 else (p0 - target) / (p0 - p1)
             return math.exp(math.log(e0) + f * (math.log(e1) - math.log(e0))) / E, False

@@ -273,7 +273,7 @@ def _whitened_map(
             opt = torch.optim.LBFGS([z], lr=1.0, max_iter=iterations - spent, history_size=50,
                                     line_search_fn="strong_wolfe", tolerance_grad=0.0, tolerance_change=0.0)
 
-            def closure() -> Tensor:
+            def closure(opt: torch.optim.LBFGS = opt, z: Tensor = z, scale: Tensor = scale) -> Tensor:
                 opt.zero_grad()
                 loss = (per_release(x_of(z)) / scale).sum()
                 loss.backward()

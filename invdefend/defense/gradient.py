@@ -346,16 +346,18 @@ class GradientDefense(SettingsAccess):
             spec = self.estimator.estimate(op if prior is None else WhitenedOperator(op, prior))
         return check_estimate(spec, self.max_residual)
 
-    def plan_for(self, spec: Spectrum, batch: int, grad_energy: float) -> tuple[GradientPlan, NoisePlan]:
+    def plan_for(self, spec: Spectrum, batch: int, grad_energy: float, releases: int = 1
+                 ) -> tuple[GradientPlan, NoisePlan]:
         """The plan for ``spec`` per unit of ``‖ḡ‖²``, and the per-sample effective plan the recorded risk
-        is evaluated on."""
+        is evaluated on. ``releases``: how many releases the batch's samples have taken part in, this one
+        included (target mode reaches its target on the cumulative risk over them)."""
         m = spec.out_dim
         scale = float(batch) ** 2  # per-sample effective noise = B² × noise on the mean gradient
         # An all-zero gradient has no scale of its own; allocate as if it had its probes' mean energy.
         G = grad_energy if grad_energy > 0 else float(spec.signal_norm.double().pow(2).mean()) / scale
         G = max(G, 1e-300)
         v0 = 1.0 if spec.whitened else self.v0  # whitened coordinates have unit prior variance
-        ctx = PlanContext(spec, scale, G, spec.batch_size, v0, self.rho, torch.float64)
+        ctx = PlanContext(spec, scale, G, spec.batch_size, v0, self.rho, torch.float64, max(int(releases), 1))
         eff = self.placement.plan(ctx)
         # One isotropic level per release: the largest any probe's plan asks for (all equal unless target
         # mode sized them per probe); the risk is evaluated with what is released.
@@ -407,7 +409,7 @@ class GradientDefense(SettingsAccess):
             self._prior_label = self.prior_source.label
             try:
                 spec = self.estimate(inputs, targets)
-                plan, eff = self.plan_for(spec, batch, grad_energy)
+                plan, eff = self.plan_for(spec, batch, grad_energy, releases)
             except Exception as exc:  # fail closed, whatever went wrong
                 self._failures += 1
                 self._last_failure = f"{type(exc).__name__}: {exc}"

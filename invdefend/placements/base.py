@@ -49,6 +49,8 @@ class PlanContext:
         v0: prior variance per input coordinate.
         rho: the reference attacker precision.
         dtype: the dtype plans are computed in.
+        releases: the releases the risk counts, this one included (target mode reaches its target on the
+            cumulative risk over them, THEORY §8.7; 1: this release alone).
     """
 
     spectrum: Spectrum
@@ -58,6 +60,7 @@ class PlanContext:
     v0: float
     rho: float
     dtype: torch.dtype = torch.float64
+    releases: int = 1
 
     @property
     def singular_values(self) -> Tensor:

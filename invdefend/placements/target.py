@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..risk import invloss
+from ..cumulative import cumulative_invloss
 from .base import NoisePlan, PlanContext, Placement
 
 __all__ = ["Target"]
@@ -19,7 +19,9 @@ class Target(Placement):
     """Wraps a placement with a budget: per probe, the smallest relative budget in ``[0, max_budget]`` whose
     InvLoss (under the plan's own noise model, conservative top-k tail) reaches ``target_invloss``, found by
     bisection (``iterations`` halvings). A probe that even ``max_budget`` leaves short gets ``max_budget`` and
-    the plan says ``target_reached=False``."""
+    the plan says ``target_reached=False``. With ``ctx.releases = T > 1`` the target is reached on the
+    cumulative risk of ``T`` releases (the Jacobian held, THEORY §8.7: the release noise divided by ``T``), so
+    the noise grows with the number of times the probes were released."""
 
     inner: Placement
     target_invloss: float
@@ -46,7 +48,7 @@ class Target(Placement):
 
         def reaches(budget: Tensor) -> tuple[NoisePlan, Tensor]:
             plan = self.inner.with_budget(budget).plan(ctx, prior)
-            il = invloss(ctx.spectrum, plan.noise_model(ctx.rho), v0=ctx.v0, tail="topk")
+            il = cumulative_invloss(ctx.spectrum, plan.noise_model(ctx.rho), ctx.releases, v0=ctx.v0, tail="topk")
             return plan, il.double() >= self.target_invloss
 
         cap = torch.full((P,), float(self.max_budget), dtype=torch.float64)

@@ -107,6 +107,25 @@ def test_target_finds_the_least_budget_per_probe() -> None:
         Target(Monitor(), target_il, 1.0)
 
 
+def test_target_counts_the_cumulative_releases() -> None:
+    """With T releases the target is reached on the cumulative risk (release noise / T, THEORY §8.7): the plan
+    holds T times the noise of the single-release plan on every direction it uses, and its own cumulative
+    InvLoss sits at the target."""
+    from dataclasses import replace
+
+    from invdefend.cumulative import cumulative_invloss
+
+    ctx = _ctx(scale=1.0, energy=1.0, shares=1)
+    target_il = 0.05
+    one = Target(Isotropic(budget=0.0), target_il, max_budget=500.0).plan(ctx)
+    four = Target(Isotropic(budget=0.0), target_il, max_budget=500.0).plan(replace(ctx, releases=4))
+    assert one.target_reached and four.target_reached
+    # τ_ref + σ₄²/4 = τ_ref + σ₁²: four times the release noise (the reference precision does not average)
+    assert torch.allclose(four.isotropic / one.isotropic, torch.full((2,), 4.0, dtype=torch.float64), rtol=1e-6)
+    il = cumulative_invloss(ctx.spectrum, four.noise_model(0.01), 4, v0=V0, tail="topk")
+    assert torch.allclose(il.double(), torch.full((2,), target_il, dtype=torch.float64), rtol=1e-6)
+
+
 def test_compose_builds_floor_and_target_around_the_named_placement() -> None:
     plain = compose("spectral", kind="gradient", budget=0.2)
     assert plain == WaterFilling(budget=0.2)

@@ -150,3 +150,20 @@ def test_releases_per_sample_counts_without_ids() -> None:
     assert rec.releases == 10 and len(rec.cumulative_predicted_psnr) == len(rec.predicted_psnr)
     with pytest.raises(ValueError, match="releases_per_sample"):
         GradientDefense(model, crit, releases_per_sample=0)
+
+
+def test_target_mode_reaches_the_target_on_the_cumulative_risk() -> None:
+    """Target mode counts the releases: with 4 releases per sample the release needs four times the isotropic
+    noise, and the recorded cumulative PSNR (not the per-release one) sits at the target."""
+    model, crit, x, y = make_problem(seed=8, batch=4)
+    recs = {}
+    for count in (None, 4):
+        defense = GradientDefense(model, crit, mechanism="isotropic", target_psnr=30.0, max_budget=100.0, k=64,
+                                  seed=8, releases_per_sample=count)
+        released(defense, model, crit, x, y)
+        recs[count] = defense.last_record
+    once, four = recs[None], recs[4]
+    assert once.target_reached and four.target_reached and four.releases == 4
+    assert four.budget == pytest.approx(4 * once.budget, rel=1e-5)
+    assert max(four.cumulative_predicted_psnr) == pytest.approx(30.0, abs=0.05)
+    assert max(four.predicted_psnr) < 30.0 - 3.0  # each release alone is far below the target
