@@ -19,40 +19,12 @@ import json
 import time
 
 import torch
-import torch.nn.functional as F
 
-from invdefend.data import PHOTOS, photo_patches
-from invdefend.defense import GradientDefense
-from invdefend.models import LeNet
+# the accuracy study's training run (benchmarks/ is on sys.path when this script runs)
+from prior_placements import train
+
+from invdefend.data import photo_patches
 from invdefend.prior import GaussianPrior
-
-
-def train(x, y, x_te, y_te, *, epochs: int, seed: int, settings: dict | None):
-    """Accuracy and the defense's records (None: undefended)."""
-    torch.manual_seed(seed)
-    model = LeNet(num_classes=len(PHOTOS), activation="relu")
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    defense = None
-    if settings is not None:
-        defense = GradientDefense(model, F.cross_entropy, seed=seed, **settings)
-        opt = defense.wrap(opt)
-    records = []
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for start in range(0, len(perm), 32):
-            idx = perm[start : start + 32]
-            opt.zero_grad()
-            if defense is not None:
-                defense.capture(x[idx], y[idx], ids=idx)
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-            if defense is not None:
-                records.append(defense.last_record)
-    model.eval()
-    with torch.no_grad():
-        acc = float((model(x_te).argmax(1) == y_te).float().mean())
-    return acc, records
 
 
 def main() -> None:

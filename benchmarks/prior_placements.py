@@ -87,9 +87,11 @@ def attack(model, flat, law, x, y, prior, args) -> tuple[float, float]:
     return p_aware, p_ig
 
 
-def train_accuracy(settings: dict | None, x_tr, y_tr, x_te, y_te, *, epochs: int, seed: int) -> float:
+def train(x, y, x_te, y_te, *, epochs: int, seed: int, settings: dict | None) -> tuple[float, list]:
     """Test accuracy of a ReLU LeNet trained with Adam (lr 1e-3, batch 32) on the photo patches, its optimizer
-    wrapped by ``GradientDefense(**settings)`` (None: undefended)."""
+    wrapped by ``GradientDefense(**settings)`` (None: undefended), and the defense's record of every step.
+    Sample ids go to ``capture``, so the records count releases (the noise of a fixed budget is the same
+    either way; target mode sizes it on the count)."""
     torch.manual_seed(seed)
     model = LeNet(num_classes=len(PHOTOS), activation="relu")
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -97,19 +99,22 @@ def train_accuracy(settings: dict | None, x_tr, y_tr, x_te, y_te, *, epochs: int
     if settings is not None:
         defense = GradientDefense(model, F.cross_entropy, seed=seed, **settings)
         opt = defense.wrap(opt)
+    records = []
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
-        perm = torch.randperm(len(x_tr), generator=gen)
+        perm = torch.randperm(len(x), generator=gen)
         for start in range(0, len(perm), 32):
             idx = perm[start : start + 32]
             opt.zero_grad()
             if defense is not None:
-                defense.capture(x_tr[idx], y_tr[idx])
-            F.cross_entropy(model(x_tr[idx]), y_tr[idx]).backward()
+                defense.capture(x[idx], y[idx], ids=idx)
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
+            if defense is not None:
+                records.append(defense.last_record)
     model.eval()
     with torch.no_grad():
-        return float((model(x_te).argmax(1) == y_te).float().mean())
+        return float((model(x_te).argmax(1) == y_te).float().mean()), records
 
 
 def energy_ratio(target: float, E: float, iso: dict[float, float]) -> tuple[float, bool]:
@@ -201,7 +206,7 @@ def main() -> None:
                                                            "floor": args.floors[0] * E, "prior": prior, "k": args.k})
                  for E in args.energies]
         for name, E, settings in runs:
-            accs = [train_accuracy(settings, x_aux, y_aux, x_te, y_te, epochs=args.train_epochs, seed=s)
+            accs = [train(x_aux, y_aux, x_te, y_te, epochs=args.train_epochs, seed=s, settings=settings)[0]
                     for s in range(args.train_seeds)]
             accuracy[f"{name}@{E:g}"] = round(100 * statistics.mean(accs), 2)
             print(f"accuracy {name:<18} E={E:<5g} {100 * statistics.mean(accs):6.2f} %  "

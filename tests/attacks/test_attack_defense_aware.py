@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_problems import digit_case
 from torch.func import functional_call, grad, jacfwd, jacrev, vmap
 
 from invdefend.attacks import (
@@ -136,11 +137,7 @@ def test_defense_aware_beats_naive_on_anisotropic_gradient_noise() -> None:
 
 
 def test_gradient_release_formats_agree() -> None:
-    x_all, y_all = load_digits_tensors(D64)
-    torch.manual_seed(0)
-    net = MLP(64, hidden=(8,), out_features=10, activation="sigmoid").double()
-    x, y = x_all[:1], y_all[:1]
-    g = model_gradient(net, x, y, F.cross_entropy)
+    _, _, net, x, y, g = digit_case()
     cov = NoiseCovariance(1e-4)
     sizes = [p.numel() for p in net.parameters()]
     pieces = [t.reshape(p.shape) for t, p in zip(torch.split(g, sizes), net.parameters())]
@@ -304,11 +301,7 @@ def test_prior_embedding_attack_beats_iid_prior() -> None:
 
 
 def test_prior_options_errors() -> None:
-    x_all, y_all = load_digits_tensors(D64)
-    torch.manual_seed(0)
-    net = MLP(64, hidden=(8,), out_features=10, activation="sigmoid").double()
-    x, y = x_all[:1], y_all[:1]
-    g = model_gradient(net, x, y, F.cross_entropy)
+    x_all, _, net, x, y, g = digit_case()
     prior = GaussianPrior.fit(x_all[10:200])
     opts = dict(noise=NoiseCovariance(1e-2), input_shape=x.shape, labels=y, iterations=2)
     with pytest.raises(ValueError, match="invdefend.attacks.defense_aware_gradient_attack: got prior= and prior_var="):

@@ -8,12 +8,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_problems import digit_case
 
 from invdefend.attacks import NoiseCovariance, defense_aware_gradient_attack, model_gradient
 from invdefend.attacks.multi_release import multi_release_gradient_attack
 from invdefend.data import load_digits_tensors
 from invdefend.metrics import psnr
-from invdefend.models import MLP, LeNet, uniform_init_
+from invdefend.models import LeNet, uniform_init_
 
 D64 = torch.float64
 
@@ -73,11 +74,7 @@ def test_one_model_is_the_defense_aware_attack_on_the_mean() -> None:
 
 
 def test_priors_are_added_and_checked() -> None:
-    x_all, y_all = load_digits_tensors(D64)
-    torch.manual_seed(0)
-    net = MLP(64, hidden=(8,), out_features=10, activation="sigmoid").double()
-    x, y = x_all[:1], y_all[:1]
-    g = model_gradient(net, x, y, F.cross_entropy)
+    _, _, net, x, y, g = digit_case()
     cov = NoiseCovariance(1e-4)
     opts = dict(noise=cov, input_shape=x.shape, labels=y, iterations=10, seed=0)
 
@@ -113,11 +110,7 @@ def test_priors_are_added_and_checked() -> None:
 
 
 def test_inputs_are_checked() -> None:
-    x_all, y_all = load_digits_tensors(D64)
-    torch.manual_seed(0)
-    net = MLP(64, hidden=(8,), out_features=10, activation="sigmoid").double()
-    x, y = x_all[:1], y_all[:1]
-    g = model_gradient(net, x, y, F.cross_entropy)
+    _, _, net, x, y, g = digit_case()
     cov = NoiseCovariance(1e-4)
     opts = dict(input_shape=x.shape, labels=y, iterations=5)
     where = "invdefend.attacks.multi_release_gradient_attack"

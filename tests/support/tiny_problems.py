@@ -1,4 +1,4 @@
-"""Small float64 problems and gradient helpers shared by the defense tests (on ``pythonpath`` via setup.cfg)."""
+"""Small float64 problems and gradient helpers shared by the tests (on ``pythonpath`` via setup.cfg)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,19 @@ def make_problem(seed: int = 0, batch: int = 6, d: int = 12, classes: int = 3):
     x = torch.rand(batch, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     y = torch.randint(0, classes, (batch,), generator=torch.Generator().manual_seed(seed + 1))
     return model, nn.CrossEntropyLoss(), x, y
+
+
+def digit_case():
+    """The attack tests' small case: the float64 digits ``(x_all, y_all)``, a sigmoid MLP (64 → 8 → 10) built
+    after ``torch.manual_seed(0)``, the first digit ``(x, y)`` and its gradient ``g``."""
+    from invdefend.attacks import model_gradient
+    from invdefend.data import load_digits_tensors
+
+    x_all, y_all = load_digits_tensors(torch.float64)
+    torch.manual_seed(0)
+    net = MLP(64, hidden=(8,), out_features=10, activation="sigmoid").double()
+    x, y = x_all[:1], y_all[:1]
+    return x_all, y_all, net, x, y, model_gradient(net, x, y, nn.functional.cross_entropy)
 
 
 def flat_grad(model: nn.Module) -> torch.Tensor:
