@@ -1,16 +1,21 @@
 """Step-time overhead of :class:`invdefend.GradientDefense` against a plain step and an Opacus DP-SGD step.
 
-Three copies of the same LeNet-style CNN (3×32×32 inputs, batch 32, SGD) train side by side in one
-process, interleaved step by step (the order rotates every round so that no variant always runs after
-another), each step timed as ``zero_grad + forward + backward + step``:
+Three copies of the same model (3×32×32 inputs, batch 32, SGD) train side by side in one process,
+interleaved step by step (the order rotates every round so that no variant always runs after another), each
+step timed as ``zero_grad + forward + backward + step``. The model is ``--model lenet`` (default: the
+LeNet-style CNN of DLG, width 12, sigmoid) or ``--model resnet`` (:class:`invdefend.models.SmallResNet`:
+two stages of two basic blocks, width 16/32, ReLU, no normalisation; 42,986 parameters):
 
 * ``plain``    — the unmodified loop;
-* ``defended`` — the same loop with ``GradientDefense(model, criterion)`` at its default settings and
-  ``optimizer = defense.wrap(optimizer)``;
+* ``defended`` — the same loop with ``GradientDefense(model, criterion)`` at its default settings (or those
+  the options set: ``--prior online`` passes ``prior="online"``, the data prior fitted online on the
+  batches already released, :class:`invdefend.prior.OnlinePrior`) and ``optimizer = defense.wrap(optimizer)``;
 * ``opacus``   — ``PrivacyEngine().make_private(..., noise_multiplier=1.0, max_grad_norm=1.0)``.
 
 Warm-up, excluded from the figures: ``--warmup`` rounds of all three, which include the defense's first
-(cold-started) spectrum estimate and the one-time compilation cost of the first ``torch.func`` call.
+(cold-started) spectrum estimate and the one-time compilation cost of the first ``torch.func`` call. With
+``--prior online`` the prior needs 128 released samples (4 batches) before it is used, so the warm-up's
+estimate is priced i.i.d. and the measured refresh steps (from step ``refresh_every`` on) are whitened.
 
 Every ratio is *paired*: a variant's step divided by the plain step of the same round (the three ran back
 to back), so that slow changes in machine load cancel, and the median over rounds drops the bursts. The
@@ -20,9 +25,12 @@ their *amortised* combination ``(refresh + (R − 1) · between) / R`` over a re
 what training with it costs. Plain means over all steps are printed too. Only ratios measured in this one
 run are printed.
 
-The last line printed is one JSON object (``defended_over_plain``, ``opacus_over_plain`` and details).
+The last line printed is one JSON object (``defended_over_plain``, ``opacus_over_plain`` and details;
+``model`` names the model measured, ``defense`` the defense's settings).
 
     python benchmarks/overhead.py --quick
+    python benchmarks/overhead.py --quick --model resnet
+    python benchmarks/overhead.py --quick --prior online --floor 0.05
     python benchmarks/overhead.py --mechanism band_pass --budget 0.075 --floor 0.025 --rounds 40 --warmup 3
 """
 
@@ -42,10 +50,15 @@ from torch import nn
 
 from invdefend import DefenseSettings, GradientDefense
 from invdefend.data import natural_image_patches
-from invdefend.models import LeNet
+from invdefend.models import LeNet, SmallResNet
 from invdefend.placements import available
 
 BATCH = 32
+#: ``--model`` choices: the constructor (3×32×32 inputs, 10 classes) and the description the JSON line carries.
+MODELS: dict[str, tuple[Callable[[], nn.Module], str]] = {
+    "lenet": (LeNet, "LeNet(3x32x32, width 12, sigmoid)"),
+    "resnet": (SmallResNet, "SmallResNet(3x32x32, width 16/32, 2 basic blocks per stage, relu, no norm)"),
+}
 
 
 def _timed(step: Callable[[], None]) -> float:
@@ -54,10 +67,10 @@ def _timed(step: Callable[[], None]) -> float:
     return time.perf_counter() - t0
 
 
-def build(seed: int, lr: float, settings: dict[str, object]) -> dict[str, object]:
-    """The three identically initialised variants and the data they share."""
+def build(seed: int, lr: float, settings: dict[str, object], model: str = "lenet") -> dict[str, object]:
+    """The three identically initialised variants of ``model`` (a :data:`MODELS` key) and the data they share."""
     torch.manual_seed(seed)
-    base = LeNet()
+    base = MODELS[model][0]()
     images = natural_image_patches(8 * BATCH, seed=seed)
     labels = torch.randint(0, 10, (len(images),), generator=torch.Generator().manual_seed(seed))
     criterion = nn.CrossEntropyLoss()
@@ -90,14 +103,15 @@ def build(seed: int, lr: float, settings: dict[str, object]) -> dict[str, object
 
 
 def measure(
-    rounds: int, warmup: int, seed: int = 0, lr: float = 0.01, settings: dict[str, object] | None = None
+    rounds: int, warmup: int, seed: int = 0, lr: float = 0.01, settings: dict[str, object] | None = None,
+    model: str = "lenet",
 ) -> dict[str, object]:
     """Interleave ``warmup + rounds`` steps of each variant; return the per-step times and the ratios.
 
     ``settings`` overrides GradientDefense defaults (``k``, ``probes``, ``sweeps``, ``refresh_every``,
-    ``mechanism``, ``budget``, ``floor``, ...).
+    ``mechanism``, ``budget``, ``floor``, ``prior``, ...); ``model`` is a :data:`MODELS` key.
     """
-    env = build(seed, lr, settings or {})
+    env = build(seed, lr, settings or {}, model)
     images, labels = env["images"], env["labels"]
     defense: GradientDefense = env["defense"]  # type: ignore[assignment]
     n_batches = len(images) // BATCH
@@ -172,10 +186,10 @@ def measure(
         "fallbacks": fallbacks,
         "defense": {"budget": defense.budget, "k": defense.k, "probes": defense.probes, "refresh_every": R,
                     "sweeps": defense.sweeps, "oversample": defense.oversample, "mechanism": defense.mechanism,
-                    "floor": defense.floor,
+                    "floor": defense.floor, "prior": "none" if defense.prior is None else str(defense.prior),
                     "defaults": not settings},
         "estimator_sweeps": sweeps_used, "estimator_error_max": max(errors) if errors else None,
-        "model": "LeNet(3x32x32, width 12, sigmoid)", "batch": BATCH, "threads": torch.get_num_threads(),
+        "model": MODELS[model][1], "batch": BATCH, "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
 
@@ -196,14 +210,20 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{name}", type=float, default=None, help="override the GradientDefense default")
     p.add_argument("--mechanism", choices=available("gradient"), default=None,
                    help="GradientDefense mechanism (default: its default, 'spectral')")
+    p.add_argument("--model", choices=sorted(MODELS), default="lenet",
+                   help="the model all three variants train (default lenet; resnet: SmallResNet), 3x32x32 inputs")
+    p.add_argument("--prior", choices=("none", "online"), default="none",
+                   help="the defense's data prior: none (its default, i.i.d.) or online (prior='online')")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     names = ("k", "probes", "sweeps", "refresh_every", "oversample", "band_pass_steps", "budget", "floor", "mechanism")
     settings = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if args.prior != "none":
+        settings["prior"] = args.prior
     refresh_every = settings.get("refresh_every", DefenseSettings.for_kind("gradient").refresh_every)
     rounds = args.rounds or refresh_every * (3 if args.quick else 10)
-    res = measure(rounds, args.warmup, args.seed, settings=settings)
-    print(f"LeNet 3x32x32, batch {BATCH}, {res['threads']} thread(s), {res['steps_measured']} measured steps each "
+    res = measure(rounds, args.warmup, args.seed, settings=settings, model=args.model)
+    print(f"{res['model']}, batch {BATCH}, {res['threads']} thread(s), {res['steps_measured']} measured steps each "
           f"after {args.warmup} warm-up rounds (incl. the first cold spectrum estimate and torch.func warm-up)")
     ms = res["plain_step_ms"]
     print(f"  plain step (median)                {ms:8.2f} ms   1.00x")

@@ -1,7 +1,8 @@
 """Small reference models used by the examples, tests, benchmarks and the demo.
 
 They are ordinary ``torch.nn.Module`` s; invdefend works on any model, these only give every script the
-same well-known architectures (the LeNet-style CNN of the gradient-inversion literature, an MLP).
+same well-known architectures (the LeNet-style CNN of the gradient-inversion literature, a small
+normalisation-free ResNet, an MLP).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["LeNet", "MLP", "SplitModel", "make_activation", "uniform_init_"]
+__all__ = ["LeNet", "MLP", "SmallResNet", "SplitModel", "make_activation", "uniform_init_"]
 
 
 def make_activation(name: str) -> nn.Module:
@@ -80,6 +81,74 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for a batch ``(B, C, H, W)``."""
         return self.classifier(self.features(x).flatten(1))
+
+
+class BasicBlock(nn.Module):
+    """A ResNet basic block without normalisation: ``act(conv2(act(conv1(x))) + skip(x))``.
+
+    Both convolutions are 3x3; the first has stride ``stride``. The skip is the identity when the shape is
+    kept, else a 1x1 convolution with the same stride (projection).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, activation: str = "relu") -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
+        self.act1 = make_activation(activation)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.act2 = make_activation(activation)
+        self.skip: nn.Module = (
+            nn.Identity() if stride == 1 and in_channels == out_channels
+            else nn.Conv2d(in_channels, out_channels, 1, stride=stride)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output ``(B, out_channels, H', W')``."""
+        return self.act2(self.conv2(self.act1(self.conv1(x))) + self.skip(x))
+
+
+class SmallResNet(nn.Module):
+    """A small ResNet-style CNN: 3x3 stem conv → ``blocks`` basic blocks of ``width`` channels → ``blocks``
+    basic blocks of ``2·width`` channels, the first of them downsampling (stride 2, 1x1 projection skip) →
+    global average pool → linear (42,986 parameters on 3x32x32 at the defaults).
+
+    No BatchNorm: it couples the samples of a batch, so each sample's gradient would not be a function of
+    that sample alone (the defense's per-sample Jacobians, ``torch.func``, Opacus). The residual branches
+    are plain convolutions at PyTorch's default initialisation.
+
+    Args:
+        in_channels: input channels (3 for RGB, 1 for digits).
+        image_size: side of the square input (>= 2; global pooling makes any size work, it is checked only).
+        num_classes: output classes.
+        width: channels of the stem and the first stage (the second stage has ``2·width``).
+        blocks: basic blocks per stage (two stages).
+        activation: ``"relu"`` (default), ``"sigmoid"`` or ``"tanh"``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        image_size: int = 32,
+        num_classes: int = 10,
+        width: int = 16,
+        blocks: int = 2,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        if image_size < 2:
+            raise ValueError(f"invdefend.models.SmallResNet: image_size={image_size} is too small; use >= 2")
+        if blocks < 1 or width < 1:
+            raise ValueError(f"invdefend.models.SmallResNet: blocks={blocks} and width={width} must be >= 1")
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), make_activation(activation))
+        stage1 = [BasicBlock(width, width, 1, activation) for _ in range(blocks)]
+        stage2 = [BasicBlock(width, 2 * width, 2, activation)]
+        stage2 += [BasicBlock(2 * width, 2 * width, 1, activation) for _ in range(blocks - 1)]
+        self.stages = nn.Sequential(nn.Sequential(*stage1), nn.Sequential(*stage2))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch ``(B, C, H, W)``."""
+        return self.classifier(self.pool(self.stages(self.stem(x))).flatten(1))
 
 
 class MLP(nn.Module):
