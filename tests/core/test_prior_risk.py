@@ -219,3 +219,43 @@ def test_conditional_invloss_needs_a_rule():
     spec = exact_spectrum(linear_operator(W, torch.rand(1, 5, dtype=torch.float64)))
     with pytest.raises(ValueError, match="no sample rule"):
         conditional_invloss(spec)
+
+
+def test_randomized_fit_matches_the_exact_fit_on_a_decaying_spectrum():
+    gen = torch.Generator().manual_seed(3)
+    d, n = 300, 500
+    scales = 1.0 / torch.arange(1, d + 1, dtype=torch.float64)  # variances 1/i²: a decaying spectrum
+    rot = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64)).Q
+    x = 0.5 + (torch.randn(n, d, generator=gen, dtype=torch.float64) * scales) @ rot.T
+    exact = GaussianPrior.fit(x, rank=12)
+    fast = GaussianPrior.fit(x, rank=12, method="randomized")
+    assert torch.allclose(fast.variances, exact.variances, rtol=0.02)
+    overlap = torch.linalg.svdvals(exact.basis.T @ fast.basis)  # cosines of the principal angles
+    assert float(overlap[:10].min()) > 0.99
+    assert torch.allclose(fast.basis.T @ fast.basis, torch.eye(12, dtype=torch.float64), atol=1e-5)  # float32 fit
+    # the diagonal still completes the sample variance, so the two priors agree on the total
+    assert float((fast.covariance().diagonal() - exact.covariance().diagonal()).abs().max()) < 1e-5
+    with pytest.raises(ValueError, match="method"):
+        GaussianPrior.fit(x, rank=4, method="svd")
+
+
+def test_online_prior_refits_on_reservoir_changes_and_thins_out():
+    online = OnlinePrior(rank=2, capacity=40, min_samples=20, refit_every=20)
+    gen = torch.Generator().manual_seed(1)
+    fits = []
+    for _ in range(200):
+        online.update(torch.rand(8, 5, generator=gen))
+        online.prior()
+        fits.append(online.fits)
+    assert online.seen == 1600 and online.stored == 40
+    assert fits[2] == fits[4] == 1 and fits[7] >= 2  # 24 seen: first fit; none before 20 more entries change
+    early, late = fits[49] - fits[0], fits[-1] - fits[149]  # steps 0–49 against the last 50
+    assert early > 3 * late >= 3  # a sample enters with probability capacity/seen: refits thin out
+    # the reservoir stays a uniform sample of everything seen: batch t holds the value t, t = 0..99, so the
+    # fitted mean and variance are those of U{0..99} (49.5 and 833.25), not of the recent batches
+    stream = OnlinePrior(rank=0, capacity=400, min_samples=2, seed=5)
+    for t in range(100):
+        stream.update(torch.full((40, 1), float(t)))
+    held = stream.prior()
+    assert held is not None and abs(float(held.mean[0]) - 49.5) < 5.0
+    assert float(held.diagonal[0]) == pytest.approx(833.25, rel=0.15)
