@@ -7,14 +7,15 @@ LeNet-style CNN of DLG, width 12, sigmoid) or ``--model resnet`` (:class:`invdef
 two stages of two basic blocks, width 16/32, ReLU, no normalisation; 42,986 parameters):
 
 * ``plain``    — the unmodified loop;
-* ``defended`` — the same loop with ``GradientDefense(model, criterion)`` at its default settings (or those
-  the options set: ``--prior online`` passes ``prior="online"``, the data prior fitted online on the
-  batches already released, :class:`invdefend.prior.OnlinePrior`) and ``optimizer = defense.wrap(optimizer)``;
+* ``defended`` — the same loop with ``GradientDefense(model, criterion)`` at its default settings (the
+  default placement: water-filling on the top-k of the Jacobian whitened by the data prior fitted online on
+  the batches already released, :class:`invdefend.prior.OnlinePrior`, half of the budget an isotropic floor),
+  or those the options set (``--prior none`` passes ``prior=None``), and ``optimizer = defense.wrap(optimizer)``;
 * ``opacus``   — ``PrivacyEngine().make_private(..., noise_multiplier=1.0, max_grad_norm=1.0)``.
 
 Warm-up, excluded from the figures: ``--warmup`` rounds of all three, which include the defense's first
 (cold-started) spectrum estimate and the one-time compilation cost of the first ``torch.func`` call. With
-``--prior online`` the prior needs 128 released samples (4 batches) before it is used, so the warm-up's
+the online prior (the default) the prior needs 128 released samples (4 batches) before it is used, so the warm-up's
 estimate is priced i.i.d. and the measured refresh steps (from step ``refresh_every`` on) are whitened.
 
 Every ratio is *paired*: a variant's step divided by the plain step of the same round (the three ran back
@@ -30,7 +31,7 @@ The last line printed is one JSON object (``defended_over_plain``, ``opacus_over
 
     python benchmarks/overhead.py --quick
     python benchmarks/overhead.py --quick --model resnet
-    python benchmarks/overhead.py --quick --prior online --floor 0.05
+    python benchmarks/overhead.py --quick --prior none --floor 0
     python benchmarks/overhead.py --mechanism band_pass --budget 0.075 --floor 0.025 --rounds 40 --warmup 3
 """
 
@@ -186,7 +187,8 @@ def measure(
         "fallbacks": fallbacks,
         "defense": {"budget": defense.budget, "k": defense.k, "probes": defense.probes, "refresh_every": R,
                     "sweeps": defense.sweeps, "oversample": defense.oversample, "mechanism": defense.mechanism,
-                    "floor": defense.floor, "prior": "none" if defense.prior is None else str(defense.prior),
+                    "floor": defense.floor, "energy_split": defense.settings.energy_split("gradient"),
+                    "prior": "none" if defense.prior is None else str(defense.prior),
                     "defaults": not settings},
         "estimator_sweeps": sweeps_used, "estimator_error_max": max(errors) if errors else None,
         "model": MODELS[model][1], "batch": BATCH, "threads": torch.get_num_threads(),
@@ -212,14 +214,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="GradientDefense mechanism (default: its default, 'spectral')")
     p.add_argument("--model", choices=sorted(MODELS), default="lenet",
                    help="the model all three variants train (default lenet; resnet: SmallResNet), 3x32x32 inputs")
-    p.add_argument("--prior", choices=("none", "online"), default="none",
-                   help="the defense's data prior: none (its default, i.i.d.) or online (prior='online')")
+    p.add_argument("--prior", choices=("none", "online"), default=None,
+                   help="the defense's data prior: none (prior=None, i.i.d.) or online (prior='online'); default: "
+                        "GradientDefense's default (online)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     names = ("k", "probes", "sweeps", "refresh_every", "oversample", "band_pass_steps", "budget", "floor", "mechanism")
     settings = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    if args.prior != "none":
-        settings["prior"] = args.prior
+    if args.prior is not None:
+        settings["prior"] = None if args.prior == "none" else args.prior
     refresh_every = settings.get("refresh_every", DefenseSettings.for_kind("gradient").refresh_every)
     rounds = args.rounds or refresh_every * (3 if args.quick else 10)
     res = measure(rounds, args.warmup, args.seed, settings=settings, model=args.model)

@@ -130,13 +130,14 @@ def released_gradient(
     budget: float = 0.05,
     seed: int = 0,
     k: int = 8,
-    floor: float = 0.0,
+    floor: float | None = None,
 ) -> tuple[Tensor, float, Any, float]:
     """The flat gradient one client shares for the batch ``(x, y)``, with a defense's noise when one is on.
 
     The defended release is made by :class:`~invdefend.defense.GradientDefense` exactly as in training
     (``capture``, backward, ``protect``), on a copy of ``model`` so the caller's gradients are untouched.
-    ``floor`` (isotropic energy relative to ``‖g‖²``, >= 0) is passed to every noisy defense; 0 disables it.
+    ``floor`` (isotropic energy relative to ``‖g‖²``, >= 0) is passed to every noisy defense; 0 disables it,
+    ``None`` keeps the defense's default (half of ``budget`` for ``"spectral"``, none otherwise).
     The attacker's noise covariance is the defense's public law (:meth:`GradientDefense.noise_law`).
 
     ``defense="band_pass"`` (``GradientDefense(mechanism="band_pass", budget=budget, floor=floor, probes=1)``)
@@ -193,7 +194,9 @@ def released_gradient(
     return released, predicted, cov, rel
 
 
-def _check_floor(floor: float) -> None:
+def _check_floor(floor: float | None) -> None:
+    if floor is None:
+        return
     if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not math.isfinite(floor) or floor < 0:
         raise ValueError(f"invdefend.audit: floor={floor!r} must be finite and >= 0 (0 disables it)")
 
@@ -271,7 +274,7 @@ def audit(
     cap_db: float = 60.0,
     seed: int = 0,
     k: int = 8,
-    floor: float = 0.0,
+    floor: float | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> AuditReport:
     """Attack every sample's shared gradient (batch of one) under each defense and compare with InvRE.
@@ -284,7 +287,8 @@ def audit(
         defenses: names from :data:`DEFENSES`; ``"none"`` is the undefended baseline.
         budget: the defense's noise budget (energy relative to ``‖g‖²``).
         floor: isotropic noise energy (relative to ``‖g‖²``) every noisy defense adds on top of ``budget``
-            (0: none); recommended with ``"band_pass"``, e.g. ``budget=0.075, floor=0.025``. For
+            (0: none; ``None``, the default: each defense's default, half of ``budget`` for ``"spectral"``);
+            recommended with ``"band_pass"``, e.g. ``budget=0.075, floor=0.025``. For
             ``"band_pass"`` the prediction and the aware attacker's covariance are those of
             :func:`released_gradient` (the Gaussian law the mechanism approximates, from the exact SVD).
         iterations: iterations of every attack.
@@ -355,7 +359,7 @@ def quick_audit(
     iterations: int = 100,
     out_dir: str | Path | None = None,
     seed: int = 0,
-    floor: float = 0.0,
+    floor: float | None = None,
 ) -> dict[str, Any]:
     """A short audit of ``n`` samples (DLG + Inverting Gradients, + the defense-aware attack under noise).
 

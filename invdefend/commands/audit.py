@@ -37,9 +37,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         "band_pass is audited against the Gaussian law it approximates, from the exact SVD of "
                         "each sample's gradient Jacobian, so its cost grows with d*m)")
     p.add_argument("--budget", type=float, default=0.05, help="defense noise energy relative to ||g||^2")
-    p.add_argument("--floor", type=float, default=0.0,
+    p.add_argument("--floor", type=float, default=None,
                    help="isotropic noise energy relative to ||g||^2 added by the defense on top of --budget "
-                        "(default: 0); recommended with band_pass, e.g. --budget 0.075 --floor 0.025")
+                        "(default: each defense's own, half of --budget for spectral, none for band_pass and "
+                        "isotropic); recommended with band_pass, e.g. --budget 0.075 --floor 0.025")
     p.add_argument("--iterations", type=int, default=200, help="iterations of every attack (default: 200)")
     p.add_argument("--seed", type=int, default=0, help="seeds the model factory, the data draw, attacks and noise")
     p.add_argument("--out", default="invdefend-audit", help="output directory (default: invdefend-audit)")
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     """Build the model and data, run the audit, print a summary and write the files."""
     from ..audit import audit, format_summary, save_audit
 
-    if not (math.isfinite(args.floor) and args.floor >= 0):
+    if args.floor is not None and not (math.isfinite(args.floor) and args.floor >= 0):
         raise SystemExit(f"invdefend audit: --floor must be a finite number >= 0 (0 disables it), got {args.floor}")
     torch.manual_seed(args.seed)  # a factory that draws random weights gives the same model every run
     model = load_callable(args.model)()

@@ -45,7 +45,10 @@ class DefenseSettings:
         target_psnr: if set, each refresh uses the least energy (up to ``max_budget``) whose predicted PSNR of
             every probe is at most this many dB; ``budget`` is then unused.
         max_budget: the largest relative energy target mode may use.
-        floor: isotropic energy relative to the signal's, added everywhere (0 disables it).
+        floor: isotropic energy relative to the signal's, added everywhere (0 disables it). ``None`` (the
+            default): the placement's ``default_floor_share`` of ``budget`` — half for ``mechanism="spectral"``
+            on gradients, the other half shaped, so ``budget`` stays the total energy (:meth:`energy_split`;
+            without a floor a defense-aware attacker whitens the shaped noise away, THEORY §7); 0 otherwise.
         fallback_budget: relative energy of the conservative isotropic noise released when no estimate can be
             trusted (default ``max(10·budget, fallback_minimum)``).
         placement_options: extra keyword arguments of the placement class (a registered placement's own knobs).
@@ -61,8 +64,9 @@ class DefenseSettings:
     Risk model:
         rho: the reference attacker precision; v0: prior variance per input coordinate (default
         ``dynamic_range²/12``); dynamic_range: ``R`` of the inputs.
-        prior: the attacker's data prior (THEORY §7): ``None`` (i.i.d. ``v0·I``), ``"online"`` (fitted on the
-            batches already released, :class:`invdefend.prior.OnlinePrior`), a fitted
+        prior: the attacker's data prior (THEORY §7): ``None`` (i.i.d. ``v0·I``; the embedding default),
+            ``"online"`` (the gradient default: fitted on the batches already released,
+            :class:`invdefend.prior.OnlinePrior`; priced i.i.d. until 128 samples were seen), a fitted
             :class:`~invdefend.prior.GaussianPrior` or an ``OnlinePrior``. With a prior the spectrum is that
             of the prior-whitened Jacobian and the record prices the release under the prior.
         releases_per_sample: count every sample as released this many times in the cumulative risk
@@ -77,7 +81,7 @@ class DefenseSettings:
     budget: float = 0.05
     target_psnr: float | None = None
     max_budget: float = 1.0
-    floor: float = 0.0
+    floor: float | None = None
     fallback_budget: float | None = None
     fallback_minimum: float = 0.1
     placement_options: dict[str, Any] = field(default_factory=dict)
@@ -134,8 +138,12 @@ class DefenseSettings:
             check_budget(owner, "budget", self.budget)
         check_budget(owner, "max_budget", self.max_budget)
         floor = self.floor
-        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not math.isfinite(floor) or floor < 0:
-            raise ValueError(f"invdefend.{owner}: floor={floor!r} must be finite and >= 0 (0 disables it)")
+        if floor is not None and (isinstance(floor, bool) or not isinstance(floor, (int, float))
+                                  or not math.isfinite(floor) or floor < 0):
+            raise ValueError(
+                f"invdefend.{owner}: floor={floor!r} must be finite and >= 0 (0 disables it; None: half the budget "
+                "with mechanism='spectral' on gradients)"
+            )
         for name in ("k", "probes", "refresh_every", "sweeps", "cold_sweeps"):
             _check_int(owner, name, getattr(self, name), 1)
         for name in ("oversample", "exact_max_dim"):
@@ -173,11 +181,21 @@ class DefenseSettings:
             return None
         return target_invloss(self.target_psnr, float(self.dynamic_range), self.v0)
 
+    def energy_split(self, kind: str) -> tuple[float, float]:
+        """``(shaped budget, isotropic floor)``, both relative to the signal's energy: ``floor=None`` splits
+        ``budget`` by the placement's ``default_floor_share`` for this kind (a half for ``"spectral"`` on
+        gradients; no floor otherwise)."""
+        if self.floor is not None:
+            return float(self.budget), float(self.floor)
+        share = get_placement(self.mechanism, kind).default_floor_share.get(kind, 0.0)
+        return (1 - share) * float(self.budget), share * float(self.budget)
+
     def placement(self, kind: str, owner: str) -> Placement:
         """The placement these settings describe (:func:`invdefend.placements.compose`)."""
         cls = get_placement(self.mechanism, kind, owner)
         options = {**cls.options_from(self), **self.placement_options}
-        return compose(self.mechanism, kind=kind, budget=float(self.budget), floor=float(self.floor),
+        budget, floor = self.energy_split(kind)
+        return compose(self.mechanism, kind=kind, budget=budget, floor=floor,
                        target_invloss=self.target_invloss, max_budget=float(self.max_budget), options=options,
                        owner=owner)
 
@@ -226,8 +244,9 @@ def pipeline_parts(
                          torch.Generator().manual_seed(0 if s.seed is None else int(s.seed) + 1))
 
 
-#: :class:`~invdefend.GradientDefense`'s defaults (those of :class:`DefenseSettings`).
-GRADIENT_DEFAULTS: dict[str, Any] = {}
+#: :class:`~invdefend.GradientDefense`'s defaults: those of :class:`DefenseSettings`, with the data prior fitted
+#: online on the batches already released (the default placement then water-fills in whitened coordinates).
+GRADIENT_DEFAULTS: dict[str, Any] = {"prior": "online"}
 #: :class:`~invdefend.EmbeddingDefense`'s defaults: the whole spectrum up to ``m = 256`` (embeddings are
 #: small), more budget and fallback, cold estimates of up to 8 sweeps with 16 extra columns.
 EMBEDDING_DEFAULTS: dict[str, Any] = dict(

@@ -138,6 +138,8 @@ class Placement(ABC):
         needs_spectrum: False when its noise can be released without a trusted spectrum (then a failed
             estimate loses only the risk record).
         supports_target: whether target mode (:class:`~invdefend.placements.target.Target`) may wrap it.
+        default_floor_share: per release kind, the share of ``budget`` that goes into an isotropic floor when
+            the settings leave ``floor=None`` (0: none); the rest is this placement's.
     """
 
     name: ClassVar[str] = ""
@@ -145,6 +147,7 @@ class Placement(ABC):
     adds_noise: ClassVar[bool] = True
     needs_spectrum: ClassVar[bool] = True
     supports_target: ClassVar[bool] = True
+    default_floor_share: ClassVar[dict[str, float]] = {}
 
     @abstractmethod
     def plan(self, ctx: PlanContext, prior: NoisePlan | None = None) -> NoisePlan:

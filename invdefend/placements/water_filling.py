@@ -5,7 +5,7 @@ and under a Gaussian data prior on the prior-whitened spectrum, weighted by each
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor
 
@@ -27,7 +27,10 @@ class WaterFilling(Placement):
     attacker's pixel error maximised (THEORY §8.5).
 
     A defense-aware attacker whitens this placement away on the directions it leaves noise-free
-    (``docs/frontier.md``); chain it after an isotropic floor."""
+    (``docs/frontier_uniform_init.md``): on gradients, half of the budget goes into an isotropic floor unless
+    the settings give ``floor=`` (``docs/frontier.md``)."""
+
+    default_floor_share: ClassVar[dict[str, float]] = {"gradient": 0.5}
 
     budget: float | Tensor = 0.05
     iterations: int = 60

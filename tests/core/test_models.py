@@ -113,7 +113,8 @@ def test_gradient_defense_trains_small_resnet_at_defaults():
         records = _defended_steps(model, defense, [(x[:8], y[:8]), (x[8:], y[8:]), (x[:8], y[:8])], lr=0.05)
     assert [r.refreshed for r in records] == [True, False, False]
     assert defense.spectrum is not None and defense.spectrum.out_dim == 42986
-    assert defense.plan.isotropic == 0.0 and records[0].budget == pytest.approx(0.05)
+    # the default placement: half of the budget isotropic (σ²·m = 0.025 per unit ‖ḡ‖²), half water-filled
+    assert defense.plan.isotropic * 42986 == pytest.approx(0.025) and records[0].budget == pytest.approx(0.05)
 
 
 def test_gradient_defense_trains_small_resnet_with_online_prior_and_floor():

@@ -33,7 +33,7 @@ def test_gradient_defense_prices_and_plans_under_a_fitted_prior() -> None:
     x = smooth_samples(4, 12, seed=1)
     prior = GaussianPrior.fit(smooth_samples(300, 12, seed=2), rank=6)
     defended = GradientDefense(model, crit, k=4, probes=2, budget=0.2, seed=0, prior=prior)
-    plain = GradientDefense(model, crit, k=4, probes=2, budget=0.2, seed=0)
+    plain = GradientDefense(model, crit, k=4, probes=2, budget=0.2, seed=0, prior=None)
     released(defended, model, crit, x, y)
     released(plain, model, crit, x, y)
     rec, rec_iid = defended.last_record, plain.last_record

@@ -46,7 +46,8 @@ def within(mean: float, expected: float, samples: torch.Tensor, z: float = 4.5) 
 def test_noise_lies_in_the_estimated_subspace_with_the_budgets_energy(k: int) -> None:
     model, crit, x, y = make_problem()
     budget = 0.2
-    defense = GradientDefense(model, crit, budget=budget, k=k, probes=2, refresh_every=10**6, seed=0)
+    defense = GradientDefense(model, crit, budget=budget, k=k, probes=2, refresh_every=10**6, seed=0, floor=0.0,
+                              prior=None)  # the water-filling alone (the default adds a floor)
     crit(model(x), y).backward()
     g = flat_grad(model)
     G = float(g @ g)
@@ -205,13 +206,14 @@ def test_target_mode_uses_the_smallest_budget_that_reaches_the_target() -> None:
     crit(model(x), y).backward()
     g = flat_grad(model)
     # The predicted PSNR with the default budget, to pick a reachable target between it and the undefended one.
-    probe = GradientDefense(model, crit, budget=0.05, k=64, refresh_every=10**6, seed=7)
+    probe = GradientDefense(model, crit, budget=0.05, k=64, refresh_every=10**6, seed=7, floor=0.0, prior=None)
     probe.capture(x, y)  # built after the forward pass: tell it the batch
     r0 = probe.protect()
     probe.detach()
     target = 0.5 * (max(r0.predicted_psnr) + min(r0.undefended_predicted_psnr))
     set_grad(model, g)
-    defense = GradientDefense(model, crit, target_psnr=target, max_budget=10.0, k=64, refresh_every=10**6, seed=7)
+    defense = GradientDefense(model, crit, target_psnr=target, max_budget=10.0, k=64, refresh_every=10**6, seed=7,
+                              floor=0.0, prior=None)
     defense.capture(x, y)
     rec = defense.protect()
     defense.detach()
@@ -221,13 +223,15 @@ def test_target_mode_uses_the_smallest_budget_that_reaches_the_target() -> None:
     assert 0 < rec.budget < 0.05
     # 5 % less energy misses the target: the budget found is (nearly) the smallest.
     set_grad(model, g)
-    smaller = GradientDefense(model, crit, budget=0.95 * rec.budget, k=64, refresh_every=10**6, seed=7)
+    smaller = GradientDefense(model, crit, budget=0.95 * rec.budget, k=64, refresh_every=10**6, seed=7, floor=0.0,
+                              prior=None)
     smaller.capture(x, y)
     assert max(smaller.protect().predicted_psnr) > target
     smaller.detach()
     # An unreachable target uses max_budget and says so.
     set_grad(model, g)
-    capped = GradientDefense(model, crit, target_psnr=11.0, max_budget=1e-4, k=64, refresh_every=10**6, seed=7)
+    capped = GradientDefense(model, crit, target_psnr=11.0, max_budget=1e-4, k=64, refresh_every=10**6, seed=7, floor=0.0,
+                             prior=None)
     capped.capture(x, y)
     rec2 = capped.protect()
     assert rec2.target_reached is False and rec2.budget == pytest.approx(1e-4, rel=1e-6)

@@ -1,7 +1,7 @@
-"""A real attack on the prior-aware placement: the defense-aware MAP attacker with the fitted image prior and
-the release's exact noise law reconstructs worse from ``mechanism="spectral"`` on the data prior plus an
-isotropic floor than from isotropic noise of the same total energy (``benchmarks/prior_placements.py`` is the
-full study)."""
+"""A real attack on the default placement: the defense-aware MAP attacker with the fitted image prior and the
+release's exact noise law reconstructs worse from ``GradientDefense``'s defaults (``mechanism="spectral"``
+under the data prior, half of the budget an isotropic floor) than from isotropic noise of the same total
+energy (``benchmarks/frontier.py`` is the full study)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _release(model, x, y, seed: int, **settings) -> tuple[torch.Tensor, NoiseCov
 
 
 @pytest.mark.slow
-def test_prior_water_filling_with_a_floor_beats_isotropic_noise_against_the_aware_prior_attacker() -> None:
+def test_the_default_placement_beats_isotropic_noise_against_the_aware_prior_attacker() -> None:
     torch.set_num_threads(1)
     model = uniform_init_(LeNet(image_size=16, num_classes=9), generator=torch.Generator().manual_seed(0)).eval()
     aux, _ = photo_patches(800, size=16, seed=0, part="left")
@@ -46,8 +46,7 @@ def test_prior_water_filling_with_a_floor_beats_isotropic_noise_against_the_awar
         x, y = x_all[i : i + 1], y_all[i : i + 1]
         for name, settings in (
             ("isotropic", {"mechanism": "isotropic", "budget": ENERGY}),
-            ("prior_wf_floor", {"mechanism": "spectral", "budget": ENERGY / 2, "floor": ENERGY / 2, "prior": prior,
-                                "k": 32}),
+            ("prior_wf_floor", {"budget": ENERGY, "prior": prior}),  # the defaults, priced under the data prior
         ):
             flat, law = _release(model, x, y, seed=i, **settings)
             if name == "prior_wf_floor":  # the shaped part is really there, and it holds half the energy
@@ -59,4 +58,6 @@ def test_prior_water_filling_with_a_floor_beats_isotropic_noise_against_the_awar
     # the attack is real: isotropic noise at this energy leaves far more than the prior mean gives
     base = sum(float(psnr(prior.mean.reshape(SHAPE).clamp(0, 1), x_all[i])) for i in range(3)) / 3
     assert iso > base + 3.0, (iso, base)
+    # measured: isotropic 22.2 dB, the default 18.8 dB (prior mean 10.4); without its floor (floor=0) the same
+    # placement is whitened away to 38.7 dB and this fails
     assert placed < iso - 1.5, got

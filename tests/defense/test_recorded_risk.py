@@ -79,7 +79,7 @@ def _step(batch: int, mechanism: str, budget: float, seed: int):
     s, norms, d, m = _per_sample(model, crit, x, y)
     assert min(d, m) == d == s.shape[1]
     defense = GradientDefense(model, crit, budget=budget, mechanism=mechanism, k=64, probes=2,
-                              refresh_every=10**6, rho=RHO, seed=seed)
+                              refresh_every=10**6, rho=RHO, seed=seed, floor=0.0, prior=None)  # the placement alone
     model.zero_grad(set_to_none=True)
     loss = crit(model(x), y)
     defense.capture(x, y)

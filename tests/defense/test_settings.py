@@ -29,12 +29,13 @@ def test_a_settings_object_and_keywords_compose() -> None:
     base = DefenseSettings.for_kind("gradient", budget=0.2, k=4)
     d = GradientDefense(_model(), nn.CrossEntropyLoss(), base, floor=0.05, capture=False)
     assert (d.budget, d.k, d.floor) == (0.2, 4, 0.05)
-    assert base.floor == 0.0  # the object itself is unchanged (frozen)
+    assert base.floor is None  # the object itself is unchanged (frozen)
     assert isinstance(d.placement, Chain)
     assert isinstance(d.placement.parts[0], Isotropic) and d.placement.parts[0].budget == 0.05
     assert isinstance(d.placement.parts[1], WaterFilling) and d.placement.parts[1].budget == 0.2
     t = GradientDefense(_model(), nn.CrossEntropyLoss(), target_psnr=25.0, capture=False)
-    assert isinstance(t.placement, Target) and t.placement.target_invloss == pytest.approx(10 ** -2.5)
+    assert isinstance(t.placement, Chain) and t.placement.parts[0] == Isotropic(budget=0.025)  # the default floor
+    assert isinstance(t.placement.parts[1], Target) and t.placement.parts[1].target_invloss == pytest.approx(10 ** -2.5)
 
 
 def test_unknown_or_bad_settings_are_refused_by_name() -> None:
@@ -54,3 +55,33 @@ def test_embedding_max_sweeps_sets_both_sweep_limits() -> None:
     e = EmbeddingDefense(_model(), max_sweeps=3)
     assert (e.sweeps, e.cold_sweeps) == (3, 3)
     assert (e.estimator.sweeps, e.estimator.cold_sweeps, e.estimator.warm_start) == (3, 3, False)
+
+
+def test_the_default_gradient_placement_is_half_shaped_half_floor_under_an_online_prior() -> None:
+    import torch
+
+    g = GradientDefense(_model(), nn.CrossEntropyLoss(), capture=False)
+    assert g.prior == "online" and g.floor is None and g.mechanism == "spectral"
+    assert g.settings.energy_split("gradient") == pytest.approx((0.025, 0.025))  # budget 0.05 stays the total
+    assert isinstance(g.placement, Chain) and g.placement.parts[0] == Isotropic(budget=0.025)
+    assert g.placement.parts[1].budget == pytest.approx(0.025)
+    # an explicit floor, another mechanism and the embedding defense keep their budget whole
+    assert DefenseSettings.for_kind("gradient", floor=0.01).energy_split("gradient") == (0.05, 0.01)
+    assert DefenseSettings.for_kind("gradient", mechanism="isotropic").energy_split("gradient") == (0.05, 0.0)
+    e = EmbeddingDefense(_model())
+    assert e.settings.energy_split("embedding") == (0.1, 0.0) and e.prior is None
+    # a defended step at the defaults releases the budget's energy in total, half of it isotropic
+    torch.manual_seed(0)
+    model = _model()
+    d = GradientDefense(model, nn.CrossEntropyLoss(), seed=0)
+    x, y = torch.rand(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    d.capture(x, y)
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    rec = d.protect()
+    assert rec.budget == pytest.approx(0.05, rel=1e-9) and 0.0 < rec.relative_energy < 0.15
+    law = d.noise_law()
+    m = sum(p.numel() for p in model.parameters())
+    g2 = law.sigma2_iso * m / 0.025  # the floor: σ²·m = 0.025·‖ḡ‖²
+    assert float(law.tau.sum()) == pytest.approx(0.025 * float(g2), rel=1e-6)
+    with pytest.raises(ValueError, match="floor"):
+        GradientDefense(_model(), nn.CrossEntropyLoss(), floor=-1.0, capture=False)
