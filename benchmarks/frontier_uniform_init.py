@@ -1,7 +1,7 @@
 """Frontier study: best-attack PSNR of spectral vs isotropic gradient noise at equal energy, and its accuracy cost.
 
-    python benchmarks/frontier.py --quick      # 16x16x3 patches, 6 samples, 10 training epochs
-    python benchmarks/frontier.py              # 32x32x3 patches (exact SVD of J per sample), 8 samples, 20 epochs
+    python benchmarks/frontier_uniform_init.py --quick      # 16x16x3 patches, 6 samples, 10 training epochs
+    python benchmarks/frontier_uniform_init.py              # 32x32x3 patches (exact SVD of J per sample), 8 samples, 20 epochs
 
 Setting (THEORY §4): DLG's LeNet-sigmoid at uniform init, one natural RGB patch per shared gradient (batch 1),
 labels known to the attacker. For every relative noise energy ``E`` (noise energy / ‖g‖²; default sweep 1e-3, 1e-2, 1e-1, 1) and
