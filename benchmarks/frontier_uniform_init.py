@@ -38,7 +38,7 @@ and with the recommended placement at the recommended energy, each drawn by the 
 gradient), same seeds; ``acc_drop_pp`` is undefended minus defended test accuracy, in points, averaged over
 the seeds.
 
-The last line printed is one JSON object (see ``docs/frontier.md`` for every key).
+The last line printed is one JSON object (see ``docs/frontier_uniform_init.md`` for every key).
 """
 
 from __future__ import annotations

@@ -165,7 +165,7 @@ def placement_variances(
     """Per-direction noise variances ``τ_i`` (along the left singular vectors ``u_i``) of a spectral placement.
 
     ``singular_values`` ``(B, k)`` (zeros mark directions outside range(J) and get no noise); every row's
-    variances sum to ``energy`` ``(B,)`` (or a scalar). Placements (frontier study, ``docs/frontier.md``):
+    variances sum to ``energy`` ``(B,)`` (or a scalar). Placements (frontier study, ``docs/frontier_uniform_init.md``):
 
     * ``"weak25"`` (``fraction``): equal variance on the weakest ``fraction`` of the non-zero directions;
     * ``"band_pass"`` (``percentile``): ``τ_i ∝ s_i²/(s_i² + μ)²`` with ``μ`` the ``percentile``-th percentile

@@ -385,7 +385,7 @@ def run_demo(config: DemoConfig | None = None, *, verbose: bool = True) -> DemoR
         grids = [audit["files"]["grid"]]
         if noisy == "spectral":
             # The setting the frontier study recommends when attackers may know the noise, at the same total
-            # energy: three quarters band-pass noise, one quarter isotropic floor (docs/frontier.md).
+            # energy: three quarters band-pass noise, one quarter isotropic floor (docs/frontier_uniform_init.md).
             band = quick_audit(initial, nn.functional.cross_entropy, runs.x_test, runs.y_test, defenses=("band_pass",),
                                budget=0.75 * config.budget, floor=0.25 * config.budget, n=config.audit_samples,
                                out_dir=Path(config.out) / "audit-band-pass", seed=config.seed)

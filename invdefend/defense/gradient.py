@@ -5,6 +5,10 @@
     defense = GradientDefense(model, criterion, budget=0.05)   # hooks capture inputs and labels
     optimizer = defense.wrap(optimizer)                         # step() = protect gradients, then step
 
+At the defaults half of ``budget`` is an isotropic floor and half is water-filled on the top-k of the
+Jacobian whitened by the data prior the defense fits online on the batches it already released
+(``prior="online"``, ``floor=None``; ``docs/frontier.md`` measures it against isotropic noise).
+
 Every step is one short pipeline, **capture → estimate → plan → draw → record**:
 
 1. **Capture.** A forward pre-hook on the model keeps the last batch's inputs; when the criterion is an
@@ -27,7 +31,7 @@ Every step is one short pipeline, **capture → estimate → plan → draw → r
 The plan in force and its public noise law (:meth:`~GradientDefense.noise_law`) are what attackers and
 InvRE read.
 
-**Band-pass** (``mechanism="band_pass"``, ``docs/frontier.md``): at *every* step, ``probes`` samples of the
+**Band-pass** (``mechanism="band_pass"``, ``docs/frontier_uniform_init.md``): at *every* step, ``probes`` samples of the
 current batch get ``J·(JᵀJ + μ)⁻¹·w`` noise, rescaled to energy exactly ``budget·‖ḡ‖²``, plus the isotropic
 ``floor``. Recommended: ``GradientDefense(model, loss, mechanism="band_pass", budget=0.75·E, floor=0.25·E)``.
 It costs ``probes × band_pass_steps`` Jacobian-vector/vector-Jacobian product pairs at every step. Its risk
