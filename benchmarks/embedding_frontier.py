@@ -1,6 +1,6 @@
 """Split-learning embeddings: prior-aware noise placement against isotropic noise at EQUAL TOP-MODEL ACCURACY.
 
-    python benchmarks/embedding_frontier.py --quick      # 26–30 min measured on 2 shared cores (2 spawn workers)
+    python benchmarks/embedding_frontier.py --quick      # 14.2 min on 2 idle cores (26–30 min under load)
     python benchmarks/embedding_frontier.py              # the full sweep (more data, seeds, samples, F=0.25 too)
 
 Setting. 32×32×3 patches of the nine photographs that ship with scikit-learn / scikit-image
