@@ -64,12 +64,12 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+from prior_placements import release, train  # benchmarks/ is on sys.path when run as a script
 
 from invdefend.attacks import defense_aware_gradient_attack
 from invdefend.attacks.batched import batched_gradient_attack
 from invdefend.data import PHOTOS, digits_split, photo_patches
-from invdefend.defense import DefenseSettings, GradientDefense
+from invdefend.defense import DefenseSettings
 from invdefend.metrics import matched_psnr, psnr
 from invdefend.models import LeNet, uniform_init_
 from invdefend.prior import GaussianPrior
@@ -145,18 +145,6 @@ def settings_for(placement: str, E: float, prior: GaussianPrior, args: argparse.
     raise ValueError(placement)
 
 
-def release(model, x, y, seed: int, **settings) -> tuple[torch.Tensor, object]:
-    """One defended release of the batch ``(x, y)``: the flat noisy mean gradient and its noise law."""
-    defense = GradientDefense(model, F.cross_entropy, refresh_every=1, seed=seed, **settings)
-    model.zero_grad(set_to_none=True)
-    defense.capture(x, y)
-    F.cross_entropy(model(x), y).backward()
-    defense.protect()
-    flat = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).detach().clone()
-    model.zero_grad(set_to_none=True)
-    return flat, defense.noise_law()
-
-
 def per_sample_psnr(rec: torch.Tensor, x: torch.Tensor) -> list[float]:
     """PSNR of every sample of ``x`` against its matched reconstruction."""
     rec = rec.reshape(x.shape).float().clamp(0, 1)
@@ -174,8 +162,8 @@ def attack_job(job: tuple) -> list[dict]:
     prior_psnr = per_sample_psnr(prior.mean.reshape(1, *task.shape).expand_as(x), x)
     flats, laws = [], []
     for i, (placement, E) in enumerate(releases):
-        flat, law = release(model, x, y, seed=args.seed * 7919 + start * 31 + i,
-                            **settings_for(placement, E, prior, args))
+        flat, law, _ = release(model, x, y, seed=args.seed * 7919 + start * 31 + i,
+                               **settings_for(placement, E, prior, args))
         flats.append(flat)
         laws.append(law)
     ig = batched_gradient_attack(model, torch.stack(flats), y[None].expand(len(flats), -1), sample_shape=task.shape,
@@ -199,26 +187,10 @@ def train_job(job: tuple) -> tuple[str, str, str, float, int, float]:
     """Test accuracy of the task's model trained with Adam (batch 32), wrapped by the placement (None: none)."""
     task, arch, placement, E, seed, prior, args = job
     torch.set_num_threads(1)
-    model = make_model(task, arch, seed)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    defense = None
-    if placement != "undefended":
-        defense = GradientDefense(model, F.cross_entropy, seed=seed, **settings_for(placement, E, prior, args))
-        opt = defense.wrap(opt)
-    gen = torch.Generator().manual_seed(seed)
-    x, y = task.x_train, task.y_train
-    for _ in range(EPOCHS[task.name] if args.train_epochs is None else args.train_epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for start in range(0, len(perm), 32):
-            idx = perm[start : start + 32]
-            opt.zero_grad()
-            if defense is not None:
-                defense.capture(x[idx], y[idx], ids=idx)
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    model.eval()
-    with torch.no_grad():
-        acc = float((model(task.x_test).argmax(1) == task.y_test).float().mean())
+    settings = None if placement == "undefended" else settings_for(placement, E, prior, args)
+    epochs = EPOCHS[task.name] if args.train_epochs is None else args.train_epochs
+    acc, _ = train(task.x_train, task.y_train, task.x_test, task.y_test, epochs=epochs, seed=seed,
+                   settings=settings, model=make_model(task, arch, seed))
     print(f"  trained {task.name}/{arch} {placement:<10} E={E:<6g} seed {seed}: {100 * acc:.1f} %", flush=True)
     return task.name, arch, placement, E, seed, acc
 

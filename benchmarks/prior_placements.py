@@ -64,9 +64,9 @@ def build(activation: str, seed: int) -> torch.nn.Module:
 
 
 def release(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, **settings) -> tuple[torch.Tensor, object, float]:
-    """One defended release of ``(x, y)``: the flat noisy gradient, its noise law and the recorded predicted
-    PSNR."""
-    defense = GradientDefense(model, F.cross_entropy, refresh_every=1, probes=1, **settings)
+    """One defended release of ``(x, y)`` (``GradientDefense(**settings)``, refreshed on it): the flat noisy
+    gradient, its noise law and the recorded predicted PSNR."""
+    defense = GradientDefense(model, F.cross_entropy, refresh_every=1, **settings)
     model.zero_grad(set_to_none=True)
     defense.capture(x, y)
     F.cross_entropy(model(x), y).backward()
@@ -87,13 +87,15 @@ def attack(model, flat, law, x, y, prior, args) -> tuple[float, float]:
     return p_aware, p_ig
 
 
-def train(x, y, x_te, y_te, *, epochs: int, seed: int, settings: dict | None) -> tuple[float, list]:
-    """Test accuracy of a ReLU LeNet trained with Adam (lr 1e-3, batch 32) on the photo patches, its optimizer
-    wrapped by ``GradientDefense(**settings)`` (None: undefended), and the defense's record of every step.
-    Sample ids go to ``capture``, so the records count releases (the noise of a fixed budget is the same
-    either way; target mode sizes it on the count)."""
-    torch.manual_seed(seed)
-    model = LeNet(num_classes=len(PHOTOS), activation="relu")
+def train(x, y, x_te, y_te, *, epochs: int, seed: int, settings: dict | None,
+          model: torch.nn.Module | None = None) -> tuple[float, list]:
+    """Test accuracy of ``model`` (default: a ReLU LeNet for the photo classes, seeded by ``seed``) trained
+    with Adam (lr 1e-3, batch 32), its optimizer wrapped by ``GradientDefense(**settings)`` (None:
+    undefended), and the defense's record of every step. Sample ids go to ``capture``, so the records count
+    releases (the noise of a fixed budget is the same either way; target mode sizes it on the count)."""
+    if model is None:
+        torch.manual_seed(seed)
+        model = LeNet(num_classes=len(PHOTOS), activation="relu")
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     defense = None
     if settings is not None:
@@ -166,7 +168,7 @@ def main() -> None:
         for i in range(n):
             x, y = x_all[i : i + 1], y_all[i : i + 1]
             for name, E, settings in placements:
-                flat, law, pred = release(model, x, y, seed=args.seed * 1000 + i, **settings)
+                flat, law, pred = release(model, x, y, seed=args.seed * 1000 + i, probes=1, **settings)
                 p_aware, p_ig = attack(model, flat, law, x, y, prior, args)
                 rows.setdefault(f"{name}@{E:g}", []).append((max(p_aware, p_ig), p_aware, p_ig, pred))
                 print(f"{act} sample {i} {name:<18} E={E:<5g} aware {p_aware:5.1f}  IG {p_ig:5.1f}  "
