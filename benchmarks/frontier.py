@@ -64,7 +64,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from prior_placements import release, train  # benchmarks/ is on sys.path when run as a script
+from prior_placements import release, train
 
 from invdefend.attacks import defense_aware_gradient_attack
 from invdefend.attacks.batched import batched_gradient_attack
