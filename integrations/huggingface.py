@@ -21,8 +21,12 @@ passed; models that need them per sample are outside this adapter.
 Token ids: the Jacobian needs floating-point inputs. Pass ``prepare_inputs=lambda model, ids:
 model.get_input_embeddings()(ids)`` and ``forward_fn=lambda model, e: model(inputs_embeds=e)``: the risk
 is then measured and the noise shaped with respect to the input embeddings. The embedding table's own
-gradient (non-zero exactly on the rows of the tokens that occur) is not covered by that Jacobian; only an
-isotropic ``floor`` reaches it.
+gradient (non-zero exactly on the rows of the tokens that occur) is not reached by that Jacobian; only the
+isotropic ``floor`` (half of ``budget`` by default) reaches it, and a plan without one is never released
+(the step goes out under fallback noise and says which parameter was left bare). Every parameter the
+Trainer's optimizer steps must belong to the defended model, or the step refuses
+(:meth:`~invdefend.GradientDefense.check_coverage`). Outside the Trainer, ``GradientDefense(model, loss,
+embedding_module=...)`` takes the Jacobian through the table as well.
 
 Logging: at every Trainer log (``logging_steps``) the latest record's scalars (``invdefend/gradient/...``)
 are added to the log dict and to ``state.log_history``; callbacks after this one (the printer, progress
@@ -236,6 +240,10 @@ def _callback_class() -> type:
                     "the Jacobian needs floating-point inputs. For token ids pass prepare_inputs=lambda model, ids: "
                     "model.get_input_embeddings()(ids) and forward_fn=lambda model, e: model(inputs_embeds=e)"
                 )
+            optimizer = kwargs.get("optimizer")
+            if optimizer is not None:  # every parameter the Trainer steps must be one the defense noises
+                self.defense.check_coverage((p for g in optimizer.param_groups for p in g["params"]),
+                                            "integrations.huggingface")
             self.last_batch_size = int(inputs.shape[0])
             self.defense.capture(inputs, targets)
             self._busy = True

@@ -84,6 +84,7 @@ class _StepWrapper(DefendedOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.check_coverage()
         self._release()
         self.original_optimizer.step()
         return loss

@@ -55,6 +55,7 @@ def estimate_gradient_spectrum(
     mode: Literal["eval", "train"] = "eval",
     generator: torch.Generator | None = None,
     prior: GaussianPrior | None = None,
+    embedding_module: str | nn.Module | None = None,
 ) -> Spectrum:
     """Top-k spectrum of ``∂(per-sample gradient)/∂input`` for every sample of a batch.
 
@@ -62,9 +63,10 @@ def estimate_gradient_spectrum(
     (warm-started from ``init`` if given); ``"auto"`` (default) is exact when ``k >= min(d, m)`` and the
     estimator otherwise (:func:`invdefend.spectral.use_exact`). ``tail=True`` adds a Lanczos quadrature rule
     for the rest. With a data ``prior`` it is the spectrum of the prior-whitened Jacobian (its InvLoss is
-    the pixel error under that prior; :mod:`invdefend.risk`).
+    the pixel error under that prior; :mod:`invdefend.risk`). For token ids pass ``embedding_module`` (the
+    Jacobian is then taken with respect to its output; :func:`~invdefend.jacobian.gradient_jacobian`).
     """
-    op = gradient_jacobian(model, loss_fn, inputs, targets, mode=mode)
+    op = gradient_jacobian(model, loss_fn, inputs, targets, mode=mode, embedding_module=embedding_module)
     return estimate_spectrum(
         op, k, method=method, tail=tail, init=init, max_sweeps=max_sweeps, tol=tol, oversample=oversample,
         slq_probes=slq_probes, slq_steps=slq_steps, generator=generator, prior=prior,

@@ -34,11 +34,15 @@ __all__ = [
     "JacobianOperator",
     "JacobianError",
     "gradient_jacobian",
+    "batch_gradient_jacobian",
+    "training_batch_norms",
     "embedding_jacobian",
     "trainable_parameters",
     "check_inputs",
     "check_dtypes",
     "module_mode",
+    "estimator_context",
+    "find_module",
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -68,6 +72,47 @@ def module_mode(module: nn.Module, mode: Mode) -> Iterator[None]:
             m.training = flag
 
 
+@contextlib.contextmanager
+def estimator_context(module: nn.Module, mode: Mode) -> Iterator[None]:
+    """What every estimator evaluation runs in: :func:`module_mode`, and scaled-dot-product attention on its
+    math backend (the fused CPU/GPU kernels have no forward-mode derivative, so a stock
+    ``nn.TransformerEncoder`` could not be differentiated forward-over-reverse). The user's own backend
+    selection is restored on exit; the math kernel computes the same function."""
+    with module_mode(module, mode), _math_attention():
+        yield
+
+
+@contextlib.contextmanager
+def _math_attention() -> Iterator[None]:
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3 has no backend selection (and no fused CPU kernel)
+        yield
+        return
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+def find_module(where: str, model: nn.Module, module: str | nn.Module) -> nn.Module:
+    """``module`` if it is a submodule of ``model`` (or its qualified name in ``model``), else a clear error."""
+    names = {m: n for n, m in model.named_modules()}
+    if isinstance(module, nn.Module):
+        if module not in names:
+            raise ValueError(f"invdefend.{where}: the given {type(module).__name__} is not a submodule of "
+                             f"{type(model).__name__}; pass the module the model itself calls (or its name)")
+        return module
+    if not isinstance(module, str):
+        raise TypeError(f"invdefend.{where}: name the embedding module by its qualified name in the model or "
+                        f"pass the module, got {type(module).__name__}")
+    try:
+        return model.get_submodule(module)
+    except AttributeError:
+        offered = [n for n, m in model.named_modules() if n and isinstance(m, nn.Embedding)]
+        hint = f"its embedding modules are {offered}" if offered else \
+            f"its modules are {[n for n, _ in model.named_modules() if n][:12]}"
+        raise ValueError(f"invdefend.{where}: {type(model).__name__} has no submodule {module!r}; {hint}") from None
+
+
 def check_inputs(where: str, inputs: Tensor) -> None:
     """Refuse inputs no estimate can use (not a tensor, not a non-empty batch, not floating point, NaN/Inf)."""
     if not isinstance(inputs, Tensor):
@@ -80,8 +125,9 @@ def check_inputs(where: str, inputs: Tensor) -> None:
     if not inputs.is_floating_point():
         raise TypeError(
             f"invdefend.{where}: inputs have dtype {inputs.dtype}; the Jacobian needs floating-point inputs. "
-            "For token ids, assess the Jacobian with respect to the embedding layer's output: pass the "
-            "embedded sequence as inputs and the rest of the model as the model"
+            "For token ids on a gradient, name the embedding module (GradientDefense(model, loss, "
+            "embedding_module='embed'), or embedding_module= of gradient_jacobian/estimate_gradient_spectrum): the "
+            "Jacobian is then taken with respect to its output, and the embedding table's gradient is covered too"
         )
     if inputs.dtype in (torch.float16, torch.bfloat16):
         raise TypeError(
@@ -341,6 +387,7 @@ def gradient_jacobian(
     *,
     mode: Mode = "eval",
     vectorize: bool | Literal["auto"] = "auto",
+    embedding_module: str | nn.Module | None = None,
 ) -> JacobianOperator:
     """The Jacobian of each sample's parameter gradient with respect to its input.
 
@@ -348,16 +395,26 @@ def gradient_jacobian(
     registration order (``m`` = number of trainable parameters). Parameters are detached snapshots taken
     now; the model is not modified.
 
+    Token ids (``embedding_module``): the input is then the output ``e_i`` of that module (an
+    ``nn.Embedding``, or any module the model calls once per forward, e.g. token plus position embeddings),
+    and ``F(e_i)`` is the whole parameter gradient as a function of it — the embedding table's gradient
+    included, whose rows are ``∂ℓ/∂e_i`` scattered onto the sample's tokens. ``inputs`` are what the model
+    takes (token ids); the operator's points (:attr:`JacobianOperator.inputs`) are their embeddings.
+
     Args:
         model: any ``nn.Module`` mapping a batch of inputs to outputs.
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` (mean reduction, as in training).
-        inputs: ``(B, ...)`` floating-point batch.
+        inputs: ``(B, ...)`` floating-point batch (any dtype with ``embedding_module``).
         targets: ``(B, ...)`` per-sample targets (labels are assumed known to the attacker).
         mode: evaluate the model in ``"eval"`` (default) or ``"train"`` mode; see the module docstring.
         vectorize: see :class:`JacobianOperator`.
+        embedding_module: the submodule (or its name) whose output the Jacobian is taken with respect to.
     """
     _check_mode("gradient_jacobian", mode)
-    check_inputs("gradient_jacobian", inputs)
+    if embedding_module is None:
+        check_inputs("gradient_jacobian", inputs)
+    elif not isinstance(inputs, Tensor) or inputs.dim() < 1 or inputs.shape[0] == 0:
+        raise ValueError("invdefend.gradient_jacobian: inputs must be a non-empty batch tensor shaped (B, ...)")
     check_dtypes("gradient_jacobian", model, inputs)
     if not isinstance(targets, Tensor):
         raise TypeError(f"invdefend.gradient_jacobian: targets must be a torch.Tensor, got {type(targets).__name__}")
@@ -369,26 +426,152 @@ def gradient_jacobian(
     params = {k: v.detach() for k, v in trainable_parameters(model).items()}
     frozen = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+    context = lambda: estimator_context(model, mode)
 
-    def loss_of(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        out = functional_call(model, ({**p, **frozen}, _fresh(buffers, mode)), (x.unsqueeze(0),))
-        return loss_fn(out, y.unsqueeze(0))
+    def call(p: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(model, ({**p, **frozen}, _fresh(buffers, mode)), (x.unsqueeze(0),))
 
-    grad_fn = grad(loss_of)
+    if embedding_module is None:
 
-    def per_sample_gradient(x: Tensor, y: Tensor) -> Tensor:
-        g = grad_fn(params, x, y)
+        def loss_of(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+            return loss_fn(call(p, x), y.unsqueeze(0))
+
+        grad_fn = grad(loss_of)
+
+        def per_sample_gradient(x: Tensor, y: Tensor) -> Tensor:
+            g = grad_fn(params, x, y)
+            return torch.cat([g[k].reshape(-1) for k in params])
+
+        return JacobianOperator(per_sample_gradient, inputs, (targets,), vectorize=vectorize,
+                                name="gradient_jacobian", context=context, module=model)
+
+    embed = find_module("gradient_jacobian", model, embedding_module)
+    embedded = _module_outputs(model, embed, inputs, context)
+
+    def embedded_loss(p: dict[str, Tensor], e: Tensor, ids: Tensor, y: Tensor) -> Tensor:
+        def substitute(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+            # value e (what the Jacobian is taken with respect to); the table's own gradient still flows
+            # through ``out``, so the released table rows are part of F(e)
+            return out - out.detach() + e.unsqueeze(0)
+
+        handle = embed.register_forward_hook(substitute)
+        try:
+            return loss_fn(call(p, ids), y.unsqueeze(0))
+        finally:
+            handle.remove()
+
+    embedded_grad = grad(embedded_loss)
+
+    def per_sample_embedded_gradient(e: Tensor, ids: Tensor, y: Tensor) -> Tensor:
+        g = embedded_grad(params, e, ids, y)
         return torch.cat([g[k].reshape(-1) for k in params])
 
-    return JacobianOperator(
-        per_sample_gradient,
-        inputs,
-        (targets,),
-        vectorize=vectorize,
-        name="gradient_jacobian",
-        context=lambda: module_mode(model, mode),
-        module=model,
-    )
+    return JacobianOperator(per_sample_embedded_gradient, embedded, (inputs, targets), vectorize=vectorize,
+                            name="gradient_jacobian", context=context, module=model)
+
+
+def _module_outputs(model: nn.Module, module: nn.Module, inputs: Tensor,
+                    context: Callable[[], contextlib.AbstractContextManager]) -> Tensor:
+    """What ``module`` outputs, per sample, when ``model`` runs on ``inputs`` (in the estimator's mode)."""
+    seen: list[object] = []
+    handle = module.register_forward_hook(lambda m, a, out: seen.append(out))
+    try:
+        with context(), torch.no_grad():
+            model(inputs)
+    finally:
+        handle.remove()
+    if len(seen) != 1 or not isinstance(seen[0], Tensor):
+        raise JacobianError(
+            f"invdefend.gradient_jacobian: the embedding module ({type(module).__name__}) must be called exactly "
+            f"once per forward and return one tensor; it was called {len(seen)} time(s)"
+            + ("" if not seen or isinstance(seen[0], Tensor) else f" and returned {type(seen[0]).__name__}")
+        )
+    out = seen[0]
+    if out.shape[:1] != inputs.shape[:1] or not out.is_floating_point():
+        raise JacobianError(
+            f"invdefend.gradient_jacobian: the embedding module returned {tuple(out.shape)} ({out.dtype}) for "
+            f"{inputs.shape[0]} inputs; it must return one floating-point embedding per sample"
+        )
+    return out.detach()
+
+
+def training_batch_norms(model: nn.Module) -> list[nn.Module]:
+    """The model's BatchNorm layers in train mode that normalise with the batch's statistics."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+
+
+@contextlib.contextmanager
+def _batch_statistics(model: nn.Module, norms: list[nn.Module]) -> Iterator[None]:
+    """Eval mode (dropout off) except ``norms``, which normalise with the batch's statistics without updating
+    their running statistics (``track_running_stats`` off for the duration: nothing is written in place, so
+    the evaluation can be vmapped, and the user's buffers are untouched); all flags restored on exit."""
+    saved = [(m, m.track_running_stats) for m in norms]
+    with estimator_context(model, "eval"):
+        for m in norms:
+            m.train(True)
+            m.track_running_stats = False
+        try:
+            yield
+        finally:
+            for m, flag in saved:
+                m.track_running_stats = flag
+
+
+def batch_gradient_jacobian(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    index: Tensor | list[int],
+    *,
+    vectorize: bool | Literal["auto"] = "auto",
+) -> JacobianOperator:
+    """The Jacobian of the gradient a batch actually releases with respect to one of its samples, for models
+    whose BatchNorm layers normalise with batch statistics (as they do in training).
+
+    For each sample ``i`` in ``index``, ``F_i(x) = B·∇θ loss_fn(model(X[i←x]), Y)``: the whole batch's
+    gradient (times ``B``, the per-sample units of :func:`gradient_jacobian`) with ``x`` in place of the
+    ``i``-th sample and the rest of the batch held fixed. Its Jacobian includes how ``x`` moves every other
+    sample's term through the batch statistics; without BatchNorm it equals the per-sample one. BatchNorm
+    layers in train mode use the batch's statistics (running statistics are neither used nor updated), every
+    other layer runs in eval mode (dropout off). Each product runs a forward and backward of the whole batch.
+
+    Args:
+        model, loss_fn: as in :func:`gradient_jacobian` (mean reduction).
+        inputs, targets: the whole batch ``(B, ...)``.
+        index: the samples whose Jacobians the operator holds.
+        vectorize: see :class:`JacobianOperator`.
+    """
+    check_inputs("batch_gradient_jacobian", inputs)
+    check_dtypes("batch_gradient_jacobian", model, inputs)
+    if not isinstance(targets, Tensor) or targets.shape[0] != inputs.shape[0]:
+        raise ValueError("invdefend.batch_gradient_jacobian: pass one target per input (a tensor shaped (B, ...))")
+    idx = torch.as_tensor(index, dtype=torch.long, device=inputs.device)
+    B = int(inputs.shape[0])
+    if idx.dim() != 1 or idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= B:
+        raise ValueError(f"invdefend.batch_gradient_jacobian: index must list samples of the batch (0..{B - 1}), "
+                         f"got {idx.tolist()}")
+    params = {k: v.detach() for k, v in trainable_parameters(model).items()}
+    frozen = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    X, Y = inputs.detach(), targets.detach()
+    norms = training_batch_norms(model)
+    positions = torch.arange(B, device=X.device)
+
+    def batch_loss(p: dict[str, Tensor], x: Tensor, i: Tensor) -> Tensor:
+        mask = (positions == i).reshape((B,) + (1,) * x.dim())
+        out = functional_call(model, ({**p, **frozen}, buffers), (torch.where(mask, x.unsqueeze(0), X),))
+        return loss_fn(out, Y) * B
+
+    grad_fn = grad(batch_loss)
+
+    def gradient_of_batch(x: Tensor, i: Tensor) -> Tensor:
+        g = grad_fn(params, x, i)
+        return torch.cat([g[k].reshape(-1) for k in params])
+
+    return JacobianOperator(gradient_of_batch, X[idx], (idx,), vectorize=vectorize,
+                            name="batch_gradient_jacobian", context=lambda: _batch_statistics(model, norms),
+                            module=model)
 
 
 def embedding_jacobian(
@@ -418,6 +601,6 @@ def embedding_jacobian(
         (),
         vectorize=vectorize,
         name="embedding_jacobian",
-        context=lambda: module_mode(bottom, mode),
+        context=lambda: estimator_context(bottom, mode),
         module=bottom,
     )

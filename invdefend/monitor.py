@@ -58,7 +58,8 @@ class ReleaseRecord:
     ``draw_seconds``; ``releases`` (the most releases any sample of the batch took part in, from sample ids
     or ``releases_per_sample``; 0 when not counted) and ``cumulative_predicted_psnr`` (per probe, over that
     many releases, Jacobian held: a lower bound on a moving model's cumulative risk); ``risk_prior``: the attacker prior the risk is priced under (``"iid"``, ``"data"``,
-    ``"online"``). ``extra`` is free-form: integrations annotate records there (Opacus's ``epsilon``).
+    ``"online"``); ``per_token_predicted_psnr``: token-id models (``embedding_module``), per probe and token, the
+    predicted PSNR of that token's embedding (:func:`invdefend.risk.invloss_by_group`). ``extra`` is free-form: integrations annotate records there (Opacus's ``epsilon``).
     """
 
     kind: str
@@ -73,6 +74,7 @@ class ReleaseRecord:
     leakage: list[float] = field(default_factory=list)
     undefended_predicted_psnr: list[float] = field(default_factory=list)
     cumulative_predicted_psnr: list[float] = field(default_factory=list)
+    per_token_predicted_psnr: list[list[float]] = field(default_factory=list)
     releases: int = 0
     singular_values: list[float] = field(default_factory=list)
     sweeps: int = 0

@@ -223,6 +223,10 @@ class GaussianPrior:
         """``tr C / d``: the InvLoss of a release that reveals nothing."""
         return self.trace / self.dim
 
+    def coordinate_variances(self) -> Tensor:
+        """``diag C`` ``(d,)``: each coordinate's prior variance."""
+        return (self.basis.pow(2) * self.variances).sum(-1) + self.diagonal
+
     def covariance(self) -> Tensor:
         """The dense ``(d, d)`` covariance (small ``d`` only: tests and exact checks)."""
         return (self.basis * self.variances) @ self.basis.T + torch.diag(self.diagonal)

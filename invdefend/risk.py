@@ -36,12 +36,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
 from .spectral import Spectrum
+
+if TYPE_CHECKING:
+    from .prior import GaussianPrior
 
 __all__ = [
     "DEFAULT_RHO",
@@ -49,6 +52,7 @@ __all__ = [
     "RiskEstimate",
     "invloss",
     "invloss_from_values",
+    "invloss_by_group",
     "predicted_psnr",
     "leakage",
     "reference_noise",
@@ -168,18 +172,7 @@ def invloss(
     noise = noise or NoiseModel()
     v0 = default_prior_variance() if v0 is None else float(v0)
     s = spectrum.singular_values
-    ref = reference_noise(spectrum.signal_norm.to(s), spectrum.out_dim, noise.rho)
-    iso = torch.as_tensor(noise.isotropic, dtype=s.dtype, device=s.device).expand(s.shape[0])
-    base = ref + iso
-    tau = base.unsqueeze(-1).expand_as(s).clone()
-    if noise.shaped is not None:
-        shaped = noise.shaped.to(s)
-        if shaped.shape[-1] != s.shape[-1]:
-            raise ValueError(
-                f"invdefend.risk.invloss: shaped noise has {shaped.shape[-1]} variances but the spectrum holds "
-                f"{s.shape[-1]} directions; allocate noise on this spectrum"
-            )
-        tau = tau + shaped
+    tau, base = _noise_variances(spectrum, noise)
     if tail not in ("auto", "slq", "topk"):
         raise ValueError(f"invdefend.risk.invloss: tail={tail!r}; choose 'auto', 'slq' or 'topk'")
     use_slq = not spectrum.complete and spectrum.tail is not None and tail in ("auto", "slq")
@@ -198,6 +191,84 @@ def invloss(
     return invloss_from_values(
         s, tau, in_dim=spectrum.in_dim, v0=v0, tail_tau=base, tail_sum=tail_sum, rank_bound=rank_bound
     )
+
+
+def _noise_variances(spectrum: Spectrum, noise: NoiseModel) -> tuple[Tensor, Tensor]:
+    """The attacker's noise variance along each held direction ``(B, k)`` and off them ``(B,)``: the reference
+    precision plus the release's isotropic and shaped noise."""
+    s = spectrum.singular_values
+    ref = reference_noise(spectrum.signal_norm.to(s), spectrum.out_dim, noise.rho)
+    iso = torch.as_tensor(noise.isotropic, dtype=s.dtype, device=s.device).expand(s.shape[0])
+    base = ref + iso
+    tau = base.unsqueeze(-1).expand_as(s).clone()
+    if noise.shaped is not None:
+        shaped = noise.shaped.to(s)
+        if shaped.shape[-1] != s.shape[-1]:
+            raise ValueError(
+                f"invdefend.risk.invloss: shaped noise has {shaped.shape[-1]} variances but the spectrum holds "
+                f"{s.shape[-1]} directions; allocate noise on this spectrum"
+            )
+        tau = tau + shaped
+    return tau, base
+
+
+def invloss_by_group(
+    spectrum: Spectrum,
+    noise: NoiseModel | None = None,
+    *,
+    groups: int,
+    v0: float | None = None,
+    prior: GaussianPrior | None = None,
+) -> Tensor:
+    """InvLoss of each of ``groups`` equal, consecutive blocks of the input's coordinates ``(B, groups)``:
+    per token of an embedded sequence shaped ``(T, D)`` (``groups=T``), per row of an image, ...
+
+    The posterior error of block ``g`` is ``Σ_i τ_i-term · ‖S_g A v_i‖²`` over the held directions
+    (``A = C^{1/2}``, or ``√v0·I`` for the i.i.d. prior; ``S_g`` selects the block) plus the error left
+    outside them, which is the spectrum's conservative top-k tail (:func:`invloss`, ``tail="topk"``) shared
+    between blocks in proportion to the prior variance each block keeps outside the held directions. Exact
+    for a complete spectrum; for any spectrum the blocks' mean equals :func:`invloss` (``tail="topk"``).
+
+    Args:
+        spectrum: with right singular vectors (input-space directions, whitened ones for a prior-whitened
+            spectrum).
+        noise: the release's noise (default: the reference precision only).
+        groups: number of blocks; must divide ``spectrum.in_dim``.
+        v0: the i.i.d. prior variance (default ``1/12``); unused with a prior-whitened spectrum.
+        prior: the :class:`~invdefend.prior.GaussianPrior` a prior-whitened spectrum was whitened with.
+    """
+    d = spectrum.in_dim
+    if not isinstance(groups, int) or groups < 1 or d % groups:
+        raise ValueError(f"invdefend.risk.invloss_by_group: groups={groups!r} must divide the input dimension {d}")
+    if spectrum.right_vectors is None:
+        raise ValueError("invdefend.risk.invloss_by_group: the spectrum holds no right singular vectors; estimate "
+                         "it with vectors (estimate_spectrum keeps them)")
+    whitened = spectrum.prior_weights is not None
+    if whitened and (prior is None or prior.dim != d):
+        raise ValueError("invdefend.risk.invloss_by_group: a prior-whitened spectrum needs the GaussianPrior it was "
+                         "whitened with (prior=...)")
+    noise = noise or NoiseModel()
+    v0 = 1.0 if whitened else (default_prior_variance() if v0 is None else float(v0))
+    s = spectrum.singular_values.double()
+    tau, _ = (t.double() for t in _noise_variances(spectrum, noise))
+    V = spectrum.right_vectors.double()  # (B, d, k)
+    B, _, k = V.shape
+    if whitened:
+        assert prior is not None
+        AV = prior.to(torch.float64, V.device).sqrt_apply(V.transpose(1, 2)).transpose(1, 2)
+        block_var = prior.coordinate_variances().double().to(V.device).reshape(groups, -1).sum(-1)  # tr C_gg
+        mass = AV.pow(2).reshape(B, groups, -1, k).sum(2)  # (B, G, k): ‖S_g A v_i‖²
+    else:
+        mass = v0 * V.pow(2).reshape(B, groups, -1, k).sum(2)  # ‖S_g A v_i‖² with A = √v0·I
+        block_var = torch.full((groups,), v0 * d / groups, dtype=torch.float64, device=V.device)
+    # posterior variance along v_i, per unit of prior variance along it (whitened: the prior's is 1)
+    unit_terms = _terms(s.unsqueeze(1) ** 2, tau.unsqueeze(1), v0) / v0
+    head = (mass * unit_terms).sum(-1)
+    left = (block_var.unsqueeze(0) - mass.sum(-1)).clamp_min(0.0)  # (B, G): prior variance off the held directions
+    total = invloss(spectrum, noise, v0=v0, tail="topk").double() * d  # the sequence's whole posterior error
+    tail_total = (total - head.sum(-1)).clamp_min(0.0)
+    share = left / left.sum(-1, keepdim=True).clamp_min(1e-300)
+    return (head + share * tail_total.unsqueeze(-1)) / (d // groups)
 
 
 def _prior_invloss(spectrum: Spectrum, tau: Tensor, base: Tensor, tail_sum: Tensor | None) -> Tensor:

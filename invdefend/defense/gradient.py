@@ -63,12 +63,20 @@ import torch
 from torch import Tensor, nn
 
 from ..cumulative import ReleaseLedger
-from ..jacobian import JacobianOperator, gradient_jacobian, trainable_parameters
+from ..jacobian import (
+    JacobianOperator,
+    batch_gradient_jacobian,
+    find_module,
+    gradient_jacobian,
+    trainable_parameters,
+    training_batch_norms,
+)
 from ..monitor import ReleaseRecord, RiskMonitor
 from ..noise import NoiseSource
 from ..noise_law import NoiseLaw
 from ..placements import NoisePlan, Placement, PlanContext
 from ..placements.base import gaussian_law
+from ..risk import invloss_by_group, predicted_psnr
 from ..spectral import Spectrum, SpectrumTracker, check_estimate
 from ..whitened import WhitenedOperator
 from .checks import DefenseError, check_batch, check_model, risk_fields
@@ -128,6 +136,12 @@ class GradientDefense(SettingsAccess):
         generator: an explicit ``torch.Generator`` for the noise (instead of ``seed``).
         monitor: a :class:`RiskMonitor`; or pass ``writer``/``callbacks`` to build one.
         capture: install the capture hooks now (else call :meth:`attach` or :meth:`capture`).
+        embedding_module: for models that take token ids: the submodule (or its qualified name) whose output
+            is the embedded sequence. The Jacobian is then taken with respect to that output, the risk is per
+            sequence (and :attr:`~invdefend.monitor.ReleaseRecord.per_token_leakage` per token), and the
+            embedding table is covered like every other parameter. Its gradient is non-zero exactly on the
+            rows of the batch's tokens, and shaped noise lands only on those rows, so this path needs an
+            isotropic floor (``floor > 0``; the default keeps half of ``budget``) to hide which rows they are.
 
     Key settings: ``budget`` (noise energy relative to ``‖ḡ‖²``), ``floor`` (isotropic energy added
     everywhere), ``mechanism`` (``"spectral"``, ``"band_pass"``, ``"isotropic"``, ``"monitor"``, or a
@@ -152,6 +166,7 @@ class GradientDefense(SettingsAccess):
         writer: Any | None = None,
         callbacks: Iterable[Callable[[ReleaseRecord], None]] = (),
         capture: bool = True,
+        embedding_module: str | nn.Module | None = None,
         **overrides: Any,
     ) -> None:
         parts = pipeline_parts("GradientDefense", self.kind, settings, overrides, placement, generator)
@@ -159,6 +174,8 @@ class GradientDefense(SettingsAccess):
         check_model("GradientDefense", model)  # half precision: refuse now, not at every step
         self.settings = s = parts.settings
         self.model = model
+        self.embedding_module: nn.Module | None = (
+            None if embedding_module is None else find_module("GradientDefense", model, embedding_module))
         self.loss_fn = loss_fn
         self.placement: Placement = parts.placement
         self.noise: NoiseSource = parts.noise
@@ -184,9 +201,12 @@ class GradientDefense(SettingsAccess):
         self._failures = 0  # consecutive failed estimates
         self._last_failure = ""
         self._inputs: Tensor | None = None
+        self._embedded: Tensor | None = None  # the embedding module's output for the captured batch
         self._targets: Tensor | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._busy = False
+        self._warned_bn = False
+        self._estimate_prior: Any = None  # the prior the spectrum in force was whitened with
         if capture:
             self.attach()
 
@@ -232,6 +252,8 @@ class GradientDefense(SettingsAccess):
         if self._hooks:
             return self
         self._hooks.append(self.model.register_forward_pre_hook(self._capture_inputs))
+        if self.embedding_module is not None:
+            self._hooks.append(self.embedding_module.register_forward_hook(self._capture_embedded))
         if isinstance(self.loss_fn, nn.Module):
             self._hooks.append(self.loss_fn.register_forward_pre_hook(self._capture_targets))
         return self
@@ -247,6 +269,10 @@ class GradientDefense(SettingsAccess):
             return  # the estimator's own per-sample evaluations are not the user's batch
         if args and isinstance(args[0], Tensor):
             self._inputs = args[0].detach()
+
+    def _capture_embedded(self, module: nn.Module, args: tuple, out: Any) -> None:
+        if not self._busy and isinstance(out, Tensor):
+            self._embedded = out.detach()
 
     def _capture_targets(self, module: nn.Module, args: tuple) -> None:
         if self._busy:
@@ -315,6 +341,44 @@ class GradientDefense(SettingsAccess):
             self._buf = (key, buf, views)
         return self._buf[1], self._buf[2]
 
+    def _points(self, inputs: Tensor) -> Tensor:
+        """Where the Jacobian is taken: the inputs, or with an embedding module the embedded batch captured
+        by its hook (raises :class:`DefenseError` when it does not belong to the captured inputs)."""
+        if self.embedding_module is None:
+            return inputs
+        emb = self._embedded
+        if emb is None or emb.shape[0] != inputs.shape[0]:
+            raise DefenseError(
+                "invdefend.GradientDefense: no embedded batch was captured for the captured inputs "
+                f"({'none' if emb is None else f'{emb.shape[0]} embedded sequences for {inputs.shape[0]} inputs'}); "
+                "run the model's forward on the batch (the embedding module's hook records its output); nothing "
+                "was released"
+            )
+        return emb
+
+    def covers(self, parameters: Iterable[Tensor]) -> list[Tensor]:
+        """The tensors in ``parameters`` that carry a gradient but receive no noise from this defense (they
+        are not trainable parameters of :attr:`model`); empty when every one is covered."""
+        covered = {id(p) for p in self._params()}
+        return [p for p in parameters if isinstance(p, Tensor) and p.grad is not None and id(p) not in covered]
+
+    def check_coverage(self, parameters: Iterable[Tensor], where: str = "GradientDefense") -> None:
+        """Refuse (:class:`DefenseError`, nothing released) when a parameter about to be stepped carries a
+        gradient this defense would not noise: its raw gradient would leave unprotected. A placement that adds
+        no noise by request (``mechanism="monitor"``) is not checked."""
+        if not self.placement.adds_noise:
+            return
+        missing = self.covers(parameters)
+        if missing:
+            shapes = ", ".join(str(tuple(p.shape)) for p in missing[:6]) + (", ..." if len(missing) > 6 else "")
+            raise DefenseError(
+                f"invdefend.{where}: {len(missing)} parameter(s) the optimizer steps carry a gradient the defense "
+                f"does not noise (shapes {shapes}; {sum(p.numel() for p in missing)} entries), so it would leave "
+                f"unprotected; nothing was released. Defend the model that owns every stepped parameter "
+                f"(for token ids: GradientDefense(whole_model, loss, embedding_module='<embedding name>')), "
+                f"freeze the others (requires_grad=False), or leave them out of the optimizer"
+            )
+
     def _batch(self) -> tuple[Tensor, Tensor]:
         if self._inputs is None or self._targets is None:
             raise DefenseError(
@@ -335,10 +399,26 @@ class GradientDefense(SettingsAccess):
         forwards the operator's products run (they are not the user's batch)."""
         n = int(inputs.shape[0])
         idx = torch.randperm(n, generator=self.probe_generator)[: min(self.probes, n)]
+        coupled = self.mode == "eval" and bool(training_batch_norms(self.model))
+        if coupled and (self.batch_norm == "running" or self.embedding_module is not None) and not self._warned_bn:
+            self._warned_bn = True
+            warnings.warn(
+                "invdefend.GradientDefense: the model trains BatchNorm on batch statistics but the Jacobian is "
+                "taken on running statistics ("
+                + ("batch_norm='running'" if self.batch_norm == "running" else "not available with embedding_module")
+                + "); the predicted risk is that of the eval-mode model, not of the function trained "
+                "(docs/theory.md, 'BatchNorm as trained')",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         self._busy = True
         try:
             with torch.enable_grad():
-                yield gradient_jacobian(self.model, self.loss_fn, inputs[idx], targets[idx], mode=self.mode)
+                if coupled and self.batch_norm == "batch" and self.embedding_module is None:
+                    yield batch_gradient_jacobian(self.model, self.loss_fn, inputs, targets, idx)
+                else:
+                    yield gradient_jacobian(self.model, self.loss_fn, inputs[idx], targets[idx], mode=self.mode,
+                                            embedding_module=self.embedding_module)
         finally:
             self._busy = False
 
@@ -346,9 +426,39 @@ class GradientDefense(SettingsAccess):
         """The probes' spectrum by :attr:`estimator`, trusted (:func:`~invdefend.spectral.check_estimate`)
         or raising."""
         prior = self.prior_source.current()
+        self._estimate_prior = prior
         with self.probe_operator(inputs, targets) as op:
             spec = self.estimator.estimate(op if prior is None else WhitenedOperator(op, prior))
         return check_estimate(spec, self.max_residual)
+
+    def _check_plan_covers(self, plan: GradientPlan, spec: Spectrum) -> None:
+        """Raise if a plan without an isotropic part would leave a trainable parameter with no noise at all
+        (e.g. an embedding table the Jacobian does not reach, with ``floor=0``): fail closed."""
+        if plan.isotropic > 0 or plan.operator_budget > 0 or plan.shaped is None or spec.left_vectors is None:
+            return
+        U = spec.left_vectors.double()  # (P, m, k)
+        per_coordinate = (U.pow(2) * (plan.shaped.to(U) > 0).unsqueeze(1)).sum(dim=(0, 2))
+        names = list(trainable_parameters(self.model))
+        offset, bare = 0, []
+        for name, p in zip(names, self._params()):
+            if float(per_coordinate[offset : offset + p.numel()].sum()) <= 1e-12 * p.numel():
+                bare.append(name)
+            offset += p.numel()
+        if bare:
+            raise RuntimeError(
+                f"the {self.mechanism} plan has no isotropic floor and leaves {', '.join(bare[:5])}"
+                f"{', ...' if len(bare) > 5 else ''} without noise (the Jacobian does not reach it); set floor > 0"
+            )
+
+    def _per_token_psnr(self, spec: Spectrum, eff: NoisePlan, points: Tensor) -> list[list[float]]:
+        """Per probe and token, the predicted PSNR of that token's embedding under the release's noise (empty
+        when the embedded sample has no token axis or the spectrum no input-space vectors)."""
+        tokens = int(points.shape[1]) if points.dim() >= 3 else 0
+        if tokens < 1 or spec.right_vectors is None:
+            return []
+        per_token = invloss_by_group(spec, eff.noise_model(self.rho), groups=tokens, v0=self.v0,
+                                     prior=self._estimate_prior if spec.whitened else None)
+        return predicted_psnr(per_token, self.dynamic_range).tolist()
 
     def plan_for(self, spec: Spectrum, batch: int, grad_energy: float, releases: int = 1
                  ) -> tuple[GradientPlan, NoisePlan]:
@@ -408,12 +518,13 @@ class GradientDefense(SettingsAccess):
             # A batch no estimate can use (empty, integer, half precision, NaN/Inf) is an error to fix, not a
             # step to release under fallback noise. Checked where the batch is used: between refreshes the
             # inputs only matter through the gradient, whose NaN/Inf _energy refuses.
-            check_batch("GradientDefense", inputs)
+            check_batch("GradientDefense", self._points(inputs))
             t0 = time.perf_counter()
             self._prior_label = self.prior_source.label
             try:
                 spec = self.estimate(inputs, targets)
                 plan, eff = self.plan_for(spec, batch, grad_energy, releases)
+                self._check_plan_covers(plan, spec)
             except Exception as exc:  # fail closed, whatever went wrong
                 self._failures += 1
                 self._last_failure = f"{type(exc).__name__}: {exc}"
@@ -427,6 +538,8 @@ class GradientDefense(SettingsAccess):
                 self._next_refresh = self.step + self.refresh_every
                 fields.update(risk_fields(spec, eff, rho=self.rho, v0=self.v0, dynamic_range=self.dynamic_range,
                                           releases=releases))
+                if self.embedding_module is not None:
+                    fields["per_token_predicted_psnr"] = self._per_token_psnr(spec, eff, self._points(inputs))
             fields["estimate_seconds"] = time.perf_counter() - t0
         plan, spec = self._plan, self._spectrum
         reason = self._last_failure
@@ -434,7 +547,7 @@ class GradientDefense(SettingsAccess):
         if plan is None and not self.placement.needs_spectrum and self.placement.adds_noise:
             # The operator draw needs no spectrum: a failed estimate only loses the risk record (and this
             # says so); the step is still released with the placement's noise.
-            plan = self._spectrum_free_plan(m, int(inputs[0].numel()))
+            plan = self._spectrum_free_plan(m, int(self._points(inputs)[0].numel()))
             fields["risk_estimate_failed"] = self._last_failure
             if refreshed:
                 warnings.warn(
@@ -445,7 +558,7 @@ class GradientDefense(SettingsAccess):
                 )
         if plan is not None and plan.operator_budget > 0:
             fields["risk_noise_model"] = plan.risk_noise_model
-            check_batch("GradientDefense", inputs)  # used at every step here: refuse an unusable batch
+            check_batch("GradientDefense", self._points(inputs))  # used at every step: refuse an unusable batch
             buf, views = self._buffer(params)
             t0 = time.perf_counter()
             try:
@@ -457,6 +570,13 @@ class GradientDefense(SettingsAccess):
                 operator_drawn = True
                 fields["noise_parameters"] = self._operator_params
             fields["draw_seconds"] = time.perf_counter() - t0
+        if self.embedding_module is not None and plan is not None and self.placement.adds_noise \
+                and plan.isotropic <= 0:
+            raise DefenseError(
+                f"invdefend.GradientDefense step {self.step}: the {self.mechanism} plan has no isotropic floor, so "
+                "the embedding table's noise would land only on the rows of the batch's tokens and show which "
+                "tokens were used; nothing was released. Set floor > 0 (or leave floor=None)"
+            )
         fallback = plan is None and self.placement.adds_noise
         rel = 0.0
         if fallback:
@@ -492,7 +612,7 @@ class GradientDefense(SettingsAccess):
             **fields,
         )
         self.last_record = record
-        self.prior_source.observe(inputs)  # after pricing: a batch never prices itself
+        self.prior_source.observe(self._points(inputs))  # after pricing: a batch never prices itself
         self.monitor.emit(record)
         self.step += 1
         return record
@@ -638,9 +758,15 @@ class DefendedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.check_coverage()
         self.defense.protect()
         self.original_optimizer.step()
         return loss
+
+    def check_coverage(self) -> None:
+        """Refuse (:class:`DefenseError`) a step whose optimizer would step a parameter the defense does not
+        noise (see :meth:`GradientDefense.check_coverage`)."""
+        self.defense.check_coverage((p for g in self.param_groups for p in g["params"]), "DefendedOptimizer")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the wrapped optimizer's gradients."""

@@ -61,6 +61,10 @@ class DefenseSettings:
         sweeps, cold_sweeps, oversample: the estimator's warm and cold sweep limits and extra block columns.
         max_residual: estimator error above which an estimate is not trusted (fail closed).
         mode: model mode for the Jacobian (``"eval"`` or ``"train"``).
+        batch_norm: gradients, a BatchNorm layer the user trains in train mode: ``"batch"`` (default) takes
+            the Jacobian of the function actually trained — batch statistics, the rest of the batch held fixed
+            (:func:`invdefend.jacobian.batch_gradient_jacobian`; one batch forward per product) — and
+            ``"running"`` the cheaper per-sample Jacobian on running statistics (warns once).
     Risk model:
         rho: the reference attacker precision; v0: prior variance per input coordinate (default
         ``dynamic_range²/12``); dynamic_range: ``R`` of the inputs.
@@ -96,6 +100,7 @@ class DefenseSettings:
     exact_max_dim: int = 0
     max_residual: float = 0.5
     mode: Literal["eval", "train"] = "eval"
+    batch_norm: Literal["batch", "running"] = "batch"
     rho: float = DEFAULT_RHO
     v0: float | None = None
     dynamic_range: float = 1.0
@@ -153,6 +158,9 @@ class DefenseSettings:
             raise ValueError(f"invdefend.{owner}: max_residual={mr!r} must be a finite number > 0")
         if self.mode not in ("eval", "train"):
             raise ValueError(f"invdefend.{owner}: mode={self.mode!r}; choose 'eval' or 'train'")
+        if self.batch_norm not in ("batch", "running"):
+            raise ValueError(f"invdefend.{owner}: batch_norm={self.batch_norm!r}; choose 'batch' (the batch "
+                             "statistics training uses) or 'running' (running statistics, cheaper)")
         _check_int(owner, "band_pass_steps", self.band_pass_steps, 1)
         q = self.band_pass_quantile
         if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 < q < 1.0:

@@ -99,7 +99,7 @@ def test_partially_frozen_model_uses_trainable_parameters_only():
 
 def test_bad_inputs_are_named():
     model = _tiny_mlp()
-    with pytest.raises(TypeError, match="embedding layer"):
+    with pytest.raises(TypeError, match="embedding_module"):
         gradient_jacobian(model, F.cross_entropy, torch.ones(2, 6, dtype=torch.long), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="one target per input"):
         gradient_jacobian(model, F.cross_entropy, torch.randn(2, 6, dtype=torch.float64), torch.tensor([0]))

@@ -18,6 +18,7 @@ from torch import nn
 
 from invdefend import DefenseError, EmbeddingDefense, GradientDefense, InvRE, embedding_jacobian, gradient_jacobian
 from invdefend.jacobian import JacobianError
+from invdefend.invre import estimate_gradient_spectrum
 
 
 def _backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: nn.Module) -> None:
@@ -143,12 +144,12 @@ def test_integer_inputs_point_to_the_embedding_layer_output():
     tokens = torch.randint(0, 10, (3, 5))
     labels = torch.tensor([0, 1, 0])
     model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(20, 2))
-    with pytest.raises(TypeError, match=r"gradient_jacobian: inputs have dtype torch\.int64.*embedding layer's output"):
+    with pytest.raises(TypeError, match=r"gradient_jacobian: inputs have dtype torch\.int64.*embedding_module"):
         InvRE(model, nn.CrossEntropyLoss(), k=2).assess(tokens, labels)
     loss = nn.CrossEntropyLoss()
     defense = GradientDefense(model, loss, k=2)
     loss(model(tokens), labels).backward()
-    token_advice = r"inputs have dtype torch\.int64.*embedding layer's output"
+    token_advice = r"inputs have dtype torch\.int64.*embedding_module"
     with pytest.raises(DefenseError, match=r"GradientDefense: " + token_advice):
         defense.protect()
     bottom = nn.Sequential(nn.Embedding(10, 4), nn.Flatten())
@@ -158,12 +159,13 @@ def test_integer_inputs_point_to_the_embedding_layer_output():
 
 
 def test_the_suggested_fix_for_token_ids_works():
-    """Assess with respect to the embedding layer's output: embedded sequence in, rest of the model."""
+    """Name the embedding module: the Jacobian is taken with respect to its output, table included."""
     torch.manual_seed(0)
-    embed, rest = nn.Embedding(10, 4), nn.Sequential(nn.Flatten(), nn.Linear(20, 2))
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(20, 2))
     tokens, labels = torch.randint(0, 10, (3, 5)), torch.tensor([0, 1, 0])
-    report = InvRE(rest, nn.CrossEntropyLoss(), k=2).assess(embed(tokens).detach(), labels)
-    assert report.n_samples == 3 and all(math.isfinite(v) for v in report.predicted_psnr)
+    spec = estimate_gradient_spectrum(model, nn.CrossEntropyLoss(), tokens, labels, k=2, embedding_module="0")
+    assert spec.in_dim == 20 and spec.out_dim == sum(p.numel() for p in model.parameters())
+    assert torch.isfinite(spec.singular_values).all() and (spec.singular_values > 0).all()
 
 
 # -- frozen parameters ----------------------------------------------------------------------------------------
