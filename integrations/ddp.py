@@ -11,12 +11,25 @@ bucket: that is the point where peers see it, so that is where the noise goes::
 
 **When the noise is computed.** The defense's budget is relative to ``‖g‖²``, the rank's *whole* local
 gradient, and its allocation lives on the whole parameter vector; while the first buckets are ready the
-rest of the gradient does not exist yet. The hook therefore defers: each bucket's future stays pending
-until the last bucket of the step arrives, then the complete local gradient (the buckets' views, in
-``model.parameters()`` order) is protected once by :meth:`GradientDefense.protect` — exactly the release a
-single-process :class:`~invdefend.defense.GradientDefense` would make — and only then are the buckets
-all-reduced. The price is the overlap of communication with the backward pass; the gain is that nothing
-is released before its noise is known and the budget means the same as everywhere else in invdefend.
+rest of the gradient does not exist yet. Two modes:
+
+* ``overlap=True`` (default): from the second step on, the step's noise is drawn when its first bucket
+  arrives, for the whole parameter vector, scaled to the **previous** step's ``‖g‖²``
+  (:meth:`GradientDefense.protect` with ``energy=`` and ``into=``), and every bucket is noised with its
+  slice and all-reduced at once, so communication overlaps the backward pass as in plain DDP. The noise
+  law is the one the defense publishes; only its scale lags one step: the energy released is
+  ``margin·budget·‖g_{t−1}‖²`` instead of ``budget·‖g_t‖²``, a relative energy ``margin·budget·r_t`` with
+  ``r_t = ‖g_{t−1}‖²/‖g_t‖²`` (:attr:`SpectralNoiseHookState.last_energy_ratio`, and
+  ``record.extra["energy_ratio"]``; ``margin`` is ``scale_margin``, default 1). That is the bound: a step
+  whose gradient grew by a factor ``c`` over the previous one gets ``1/c`` of its budget, one that shrank
+  gets more. ``benchmarks/ddp_overhead.py`` prints the spread of ``r_t`` it measured; ``scale_margin=2``
+  keeps every step at its budget or above unless its gradient more than doubled. The first step, and the
+  step after one that failed, wait for their whole gradient; every rank agrees on that without a collective
+  (each sees the same failures).
+* ``overlap=False``: every step waits. Each bucket's future stays pending until the last bucket of the step
+  arrives; the complete local gradient is then protected once — exactly the release a single-process
+  :class:`~invdefend.defense.GradientDefense` would make — and only then are the buckets all-reduced. The
+  price is the overlap of communication with the backward pass.
 
 **Per-rank noise.** Every rank draws its own noise: with ``seed=`` the defense's noise source is reseeded
 with :func:`rank_seed` ``(seed, rank)``, and registration fails if two ranks' noise generators are in the
@@ -28,8 +41,12 @@ regenerate the noise; outside tests use ``secure_rng=True``.
 (for example by ``defense.wrap``) fails at the next backward pass.
 
 **Fail closed, together.** Before any bucket is sent the ranks all-reduce a status flag; if any rank could
-not protect its gradient (NaN gradient, no captured batch, a double-noise violation) every rank raises
-:class:`~invdefend.defense.DefenseError` and no bucket is sent, so no rank hangs waiting for a peer.
+not protect its gradient (no captured batch, a double-noise violation, a NaN gradient in a waiting step)
+every rank raises :class:`~invdefend.defense.DefenseError` and no bucket is sent, so no rank hangs waiting
+for a peer. An overlapped step needs no extra collective: a rank that cannot draw its noise sends NaN in
+every bucket (nothing of its gradient), a NaN gradient is sent with its noise (NaN carries nothing), and
+either way every rank's averaged bucket is NaN, which makes every rank raise
+:class:`~invdefend.defense.DefenseError` from the backward pass.
 
 Gradient accumulation with ``no_sync()`` is supported in the sense that the accumulated gradient is
 noised once at the synchronising step, but the spectrum is estimated on the last micro-batch only.
@@ -38,6 +55,7 @@ noised once at the synchronising step, but the spectrum is estimated on the last
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -72,11 +90,18 @@ class SpectralNoiseHookState:
         process_group: the group the buckets are reduced over (default: the world).
         keep_noise: keep :attr:`last_noise` and :attr:`last_local_gradient` (flat, trainable-parameter
             order) of the latest step, for audits and tests; costs two copies of the gradient per step.
+        overlap: send each bucket as soon as it is noised, with the noise scaled to the previous step's
+            gradient energy (module docstring); False: every step waits for its whole gradient.
+        scale_margin: an overlapped step's noise is scaled to ``scale_margin`` times the previous step's
+            ``‖g‖²`` (>= 1).
 
     Attributes:
         steps: steps released through the hook.
+        overlapped_steps: of which sent bucket by bucket (the others waited for the whole gradient).
         last_record: the defense's :class:`~invdefend.monitor.ReleaseRecord` of the latest step.
         last_bucket_count: buckets the latest step's gradient came in.
+        last_energy_ratio: ``‖g_{t−1}‖²/‖g_t‖²`` of the latest overlapped step (1.0 for a waiting step): the
+            noise's relative energy was ``budget`` times this.
     """
 
     def __init__(
@@ -85,6 +110,8 @@ class SpectralNoiseHookState:
         *,
         process_group: "dist.ProcessGroup | None" = None,
         keep_noise: bool = False,
+        overlap: bool = True,
+        scale_margin: float = 1.0,
     ) -> None:
         import torch.distributed as dist
 
@@ -111,6 +138,20 @@ class SpectralNoiseHookState:
         self._violation = ""
         self._last_exception: BaseException | None = None
         self.last_bucket_count = 0
+        if not math.isfinite(float(scale_margin)) or float(scale_margin) < 1.0:
+            raise ValueError(f"invdefend.integrations.ddp: scale_margin={scale_margin!r} must be a number >= 1")
+        self.overlap = bool(overlap)
+        self.scale_margin = float(scale_margin)
+        self.overlapped_steps = 0
+        self.last_energy_ratio = 1.0
+        self._energy_prev: float | None = None  # the last step's local ‖g‖² (None: the next step waits)
+        self._overlapping = False
+        self._sent = 0  # buckets sent in the overlapped step under way
+        self._failure = ""  # why this rank could not protect the overlapped step under way
+        self._noise: Tensor | None = None  # the overlapped step's noise, flat, trainable-parameter order
+        self._offsets: dict[int, tuple[int, int]] = {}
+        self._step_energy = 0.0
+        self._step_grads: list[Tensor] = []  # keep_noise: the step's clean local gradient, flat
 
     # -- one step ---------------------------------------------------------------------------------------
     def _begin_step(self) -> None:
@@ -162,6 +203,80 @@ class SpectralNoiseHookState:
         self._expected_defense_step = self.defense.step
         return ""
 
+    # -- overlapped steps ---------------------------------------------------------------------------------
+    def _open_overlapped(self) -> None:
+        """First bucket of an overlapped step: draw the whole step's noise at the previous step's scale. A rank
+        that cannot (no captured batch, a double-noise violation, ...) sends NaN in every bucket instead: it
+        releases nothing, its peers are not left waiting, and every rank's averaged bucket is NaN, so every
+        rank raises (no extra collective per step)."""
+        params = list(trainable_parameters(self.defense.model).values())
+        self._offsets, offset = {}, 0
+        for p in params:
+            self._offsets[id(p)] = (offset, p.numel())
+            offset += p.numel()
+        self._step_energy = 0.0
+        self._step_grads = [torch.zeros(offset, dtype=params[0].dtype)] if self.keep_noise else []
+        self._failure = self._violation
+        dtype = params[0].dtype if len({p.dtype for p in params}) == 1 else torch.float64
+        noise = torch.empty(offset, dtype=dtype, device=params[0].device)
+        if not self._failure:
+            try:
+                assert self._energy_prev is not None
+                self.last_record = self.defense.protect(energy=self.scale_margin * self._energy_prev, into=noise)
+                self._expected_defense_step = self.defense.step
+            except Exception as exc:  # reaches the peers as NaN buckets, and this rank's backward as the error
+                self._last_exception = exc
+                self._failure = f"{type(exc).__name__}: {exc}"
+        self._noise = noise
+
+    def _failed_step(self) -> None:
+        """A failed step, seen by every rank: the next one waits for its whole gradient on every rank."""
+        self._energy_prev = None
+
+    def _send_overlapped(self, bucket: Any) -> torch.futures.Future:
+        """Noise one bucket with its slice of the step's noise and all-reduce it now."""
+        import torch.distributed as dist
+
+        assert self._noise is not None
+        buffer = bucket.buffer()
+        if self._failure:
+            buffer.fill_(float("nan"))  # nothing of this rank's gradient leaves
+        else:
+            grads = [g.view(-1) for g in bucket.gradients()]
+            norms = torch._foreach_norm(grads)
+            self._step_energy += float(torch.stack([n.double() for n in norms]).pow(2).sum()) if norms else 0.0
+            for p, flat in zip(bucket.parameters(), grads):
+                start, n = self._offsets[id(p)]
+                if self._step_grads:
+                    self._step_grads[0][start : start + n] = flat.detach()
+                flat.add_(self._noise[start : start + n].to(flat.dtype))
+        buffer.div_(self.world_size)
+        work = dist.all_reduce(buffer, group=self.process_group, async_op=True)
+        return work.get_future().then(_checked_average(self, self._failure))
+
+    def _close_overlapped(self) -> None:
+        """Last bucket of an overlapped step: the realised energy ratio, and the scale of the next step."""
+        energy = self._step_energy
+        if self._failure:
+            self._noise, self._energy_prev = None, None
+            return
+        self.steps += 1
+        self.overlapped_steps += 1
+        if self.keep_noise:
+            self.last_local_gradient = self._step_grads[0] if self._step_grads else None
+            self.last_noise = self._noise
+        self._noise = None
+        if not math.isfinite(energy):  # every rank's average is NaN: every rank resets (in _checked_average too)
+            self.last_energy_ratio = float("nan")
+            self._energy_prev = None
+            return
+        assert self._energy_prev is not None
+        self.last_energy_ratio = self._energy_prev / energy if energy > 0 else float("inf")
+        if self.last_record is not None:
+            self.last_record.extra["energy_ratio"] = self.last_energy_ratio
+        if energy > 0:  # an all-zero gradient keeps the previous scale (a rank-local reset would desynchronise)
+            self._energy_prev = energy
+
     def _release(self) -> None:
         """Last bucket: protect the whole local gradient, agree on success, then all-reduce every bucket."""
         import torch.distributed as dist
@@ -169,9 +284,12 @@ class SpectralNoiseHookState:
         pending, self._pending = self._pending, []
         self.last_bucket_count = len(pending)
         self._last_exception = None
+        energy = sum(float(buffer.double().pow(2).sum()) for buffer, _, _ in pending)  # before the noise
         error = self._protect_local(pending)
-        failed = torch.tensor([1 if error else 0], dtype=torch.int64)
-        dist.all_reduce(failed, group=self.process_group)  # every rank learns whether any rank failed
+        usable = math.isfinite(energy) and energy > 0  # a scale for the next step's noise
+        flags = torch.tensor([1 if error else 0, 0 if usable else 1], dtype=torch.int64)
+        dist.all_reduce(flags, group=self.process_group)  # every rank learns whether any rank failed
+        failed = flags[:1]
         if int(failed.item()) > 0:
             reason = error or "another rank could not protect its gradient"
             exc = DefenseError(
@@ -180,12 +298,16 @@ class SpectralNoiseHookState:
             )
             for _, fut, _ in pending:
                 fut.set_exception(exc)
+            self._energy_prev = None  # every rank raises here: every rank's next step waits
             raise exc from self._last_exception
         for buffer, fut, _ in pending:
             buffer.div_(self.world_size)
             work = dist.all_reduce(buffer, group=self.process_group, async_op=True)
             work.get_future().then(_forward_to(fut))
         self.steps += 1
+        self.last_energy_ratio = 1.0
+        # the next step overlaps on every rank or on none: only if every rank has a scale for its noise
+        self._energy_prev = energy if self.overlap and int(flags[1]) == 0 else None
 
 
 def _forward_to(target: torch.futures.Future) -> Any:
@@ -200,6 +322,31 @@ def _forward_to(target: torch.futures.Future) -> Any:
     return complete
 
 
+def _checked_average(state: SpectralNoiseHookState, failure: str = "") -> Any:
+    """A ``then`` callback returning the all-reduced bucket, or raising :class:`DefenseError` when this rank
+    could not protect its gradient (``failure``) or the average holds NaN/Inf (a rank sent NaN: its gradient
+    was not finite, or it could not protect it; every rank sees the same average, so every rank raises)."""
+
+    rank = state.rank
+
+    def result(done: torch.futures.Future) -> Tensor:
+        averaged = done.value()[0]
+        if failure or not bool(torch.isfinite(averaged).all()):
+            state._failed_step()
+        if failure:
+            raise DefenseError(f"invdefend.integrations.ddp rank {rank}: this rank could not protect its gradient and "
+                               f"sent NaN instead (nothing of it left): {failure}")
+        if not bool(torch.isfinite(averaged).all()):
+            raise DefenseError(
+                f"invdefend.integrations.ddp rank {rank}: the averaged gradient holds NaN/Inf: another rank could not "
+                "protect its gradient, or a rank's gradient was not finite (what it sent carried its noise); lower "
+                "the learning rate or clip gradients"
+            )
+        return averaged
+
+    return result
+
+
 def spectral_noise_hook(state: SpectralNoiseHookState, bucket):  # type: ignore[no-untyped-def]
     """DDP communication hook: noise the rank's local gradient once per step, then average the buckets.
 
@@ -211,6 +358,17 @@ def spectral_noise_hook(state: SpectralNoiseHookState, bucket):  # type: ignore[
     """
     if bucket.index() == 0:  # DDP launches buckets in index order: bucket 0 opens a step
         state._begin_step()
+        state._overlapping = state.overlap and state._energy_prev is not None
+        state._sent = 0
+        if state._overlapping:
+            state._open_overlapped()
+    if state._overlapping:
+        future = state._send_overlapped(bucket)
+        state._sent += 1
+        if bucket.is_last():
+            state.last_bucket_count = state._sent
+            state._close_overlapped()
+        return future
     future: torch.futures.Future = torch.futures.Future()
     state._pending.append((bucket.buffer(), future, list(zip(bucket.parameters(), bucket.gradients()))))
     if bucket.is_last():
@@ -233,6 +391,8 @@ def register_spectral_noise_hook(
     seed: int | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     keep_noise: bool = False,
+    overlap: bool = True,
+    scale_margin: float = 1.0,
 ) -> SpectralNoiseHookState:
     """Register :func:`spectral_noise_hook` on ``ddp_model``; a collective call (every rank must make it).
 
@@ -245,7 +405,7 @@ def register_spectral_noise_hook(
             leave None when the defense already has per-rank seeds or ``secure_rng=True``.
         optimizer: the optimizer that will step ``ddp_model``, checked not to be a
             :class:`~invdefend.defense.DefendedOptimizer` (which would noise the gradients a second time).
-        keep_noise: see :class:`SpectralNoiseHookState`.
+        keep_noise, overlap, scale_margin: see :class:`SpectralNoiseHookState`.
 
     Raises:
         ValueError: the defense is not on ``ddp_model.module``, the optimizer is wrapped, or two ranks
@@ -287,6 +447,7 @@ def register_spectral_noise_hook(
             "draw identical noise and a peer could subtract its own copy; pass seed= (seeded per rank with "
             "rank_seed) or build the defense with secure_rng=True"
         )
-    state = SpectralNoiseHookState(defense, process_group=process_group, keep_noise=keep_noise)
+    state = SpectralNoiseHookState(defense, process_group=process_group, keep_noise=keep_noise, overlap=overlap,
+                                   scale_margin=scale_margin)
     ddp_model.register_comm_hook(state, spectral_noise_hook)
     return state

@@ -56,6 +56,8 @@ def estimate_gradient_spectrum(
     generator: torch.Generator | None = None,
     prior: GaussianPrior | None = None,
     embedding_module: str | nn.Module | None = None,
+    left: bool = True,
+    block: int | Literal["auto"] | None = "auto",
 ) -> Spectrum:
     """Top-k spectrum of ``∂(per-sample gradient)/∂input`` for every sample of a batch.
 
@@ -65,11 +67,14 @@ def estimate_gradient_spectrum(
     for the rest. With a data ``prior`` it is the spectrum of the prior-whitened Jacobian (its InvLoss is
     the pixel error under that prior; :mod:`invdefend.risk`). For token ids pass ``embedding_module`` (the
     Jacobian is then taken with respect to its output; :func:`~invdefend.jacobian.gradient_jacobian`).
+    ``left=False`` skips the left singular vectors; ``block="auto"`` sweeps 8 columns at a time on models too
+    large to keep the sweeps' images (:func:`~invdefend.spectral.topk_spectrum`).
     """
     op = gradient_jacobian(model, loss_fn, inputs, targets, mode=mode, embedding_module=embedding_module)
     return estimate_spectrum(
         op, k, method=method, tail=tail, init=init, max_sweeps=max_sweeps, tol=tol, oversample=oversample,
-        slq_probes=slq_probes, slq_steps=slq_steps, generator=generator, prior=prior,
+        slq_probes=slq_probes, slq_steps=slq_steps, generator=generator, prior=prior, left=left,
+        block=block,
     )
 
 
@@ -89,13 +94,16 @@ def estimate_embedding_spectrum(
     mode: Literal["eval", "train"] = "eval",
     generator: torch.Generator | None = None,
     prior: GaussianPrior | None = None,
+    left: bool = True,
+    block: int | Literal["auto"] | None = "auto",
 ) -> Spectrum:
     """Top-k spectrum of ``∂(cut-layer embedding)/∂input`` for every sample of a batch (of the
     prior-whitened Jacobian with a data ``prior``)."""
     op = embedding_jacobian(bottom, inputs, mode=mode)
     return estimate_spectrum(
         op, k, method=method, tail=tail, init=init, max_sweeps=max_sweeps, tol=tol, oversample=oversample,
-        slq_probes=slq_probes, slq_steps=slq_steps, generator=generator, prior=prior,
+        slq_probes=slq_probes, slq_steps=slq_steps, generator=generator, prior=prior, left=left,
+        block=block,
     )
 
 
@@ -282,17 +290,18 @@ class InvRE:
 
     def spectrum(
         self, inputs: Tensor, targets: Tensor | None = None, *, init: Spectrum | None = None,
-        prior: GaussianPrior | None = None,
+        prior: GaussianPrior | None = None, left: bool = True,
     ) -> Spectrum:
         """The per-sample spectrum of one batch (of the prior-whitened Jacobian when ``prior`` is given, or
-        when this InvRE holds a fitted prior)."""
+        when this InvRE holds a fitted prior); ``left=False`` skips the left singular vectors (the report
+        does not use them; on a large model they cost a product and ``m × k`` memory per sample)."""
         if prior is None and isinstance(self.prior, GaussianPrior):
             prior = self.prior
         gen = torch.Generator(device=inputs.device).manual_seed(self.seed)
         common = dict(
             k=self.k, method=self.method, tail=self.tail == "slq", init=init, max_sweeps=self.max_sweeps,
             tol=self.tol, oversample=self.oversample, slq_probes=self.slq_probes, slq_steps=self.slq_steps,
-            mode=self.mode, generator=gen, prior=prior,
+            mode=self.mode, generator=gen, prior=prior, left=left,
         )
         if self.target == "gradient":
             if targets is None:
@@ -341,7 +350,7 @@ class InvRE:
             sl = slice(start, start + self.batch_size)
             prior, used = folds(start)
             t0 = time.perf_counter()
-            spec = self.spectrum(inputs[sl], None if targets is None else targets[sl], prior=prior)
+            spec = self.spectrum(inputs[sl], None if targets is None else targets[sl], prior=prior, left=False)
             chunks.append(self._report_from(spec, time.perf_counter() - t0, name, used))
         return RiskReport.merge(chunks, name=name)
 

@@ -35,6 +35,7 @@ __all__ = [
     "JacobianError",
     "gradient_jacobian",
     "batch_gradient_jacobian",
+    "batch_statistics",
     "training_batch_norms",
     "embedding_jacobian",
     "trainable_parameters",
@@ -46,6 +47,10 @@ __all__ = [
 ]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+#: Memory one vmapped product call may use for its block columns' intermediates (estimated by
+#: :attr:`JacobianOperator.column_bytes`); larger blocks are split into chunks of samples and columns.
+CHUNK_BYTES: int = 512 * 2**20
 Mode = Literal["eval", "train"]
 
 
@@ -211,6 +216,10 @@ class JacobianOperator:
         name: what the operator computes, for messages.
         module: the model ``fn`` evaluates, to name the failing layer when it cannot be evaluated or
             differentiated one sample at a time (:class:`JacobianError`).
+
+    Attributes:
+        chunk_bytes: the memory one vmapped product call may use (default :data:`CHUNK_BYTES`); larger
+            blocks run in chunks of samples and columns, same result.
     """
 
     def __init__(
@@ -242,6 +251,7 @@ class JacobianOperator:
         self._context = context or contextlib.nullcontext
         self.fallback_reason: str | None = None
         self.module = module
+        self.chunk_bytes = CHUNK_BYTES
 
         def first() -> Tensor:
             return self._flat_fn(self.inputs[0], *(e[0] for e in self.extra))
@@ -277,10 +287,36 @@ class JacobianOperator:
 
     # -- batching with a fallback -----------------------------------------------------------------------
     def _apply(self, per_sample: Callable[..., Tensor], block: Tensor) -> Tensor:
+        """``per_sample(x_i, extra_i, block_i)`` for every sample, stacked; vmapped over samples, in chunks
+        of samples and block columns small enough that one chunk's intermediates (each column carries
+        ``m``-sized gradients and their tangents) stay within :attr:`chunk_bytes`."""
+        B, b = self.batch_size, int(block.shape[2])
+        columns = max(1, self.chunk_bytes // max(self.column_bytes, 1))  # columns one call may carry
+        if B * b <= columns:
+            return self._apply_chunk(per_sample, slice(0, B), block)
+        if b <= columns:  # whole blocks, a few samples at a time
+            group = max(1, columns // b)
+            return torch.cat([self._apply_chunk(per_sample, slice(i, i + group), block[i : i + group])
+                              for i in range(0, B, group)])
+        outs = []
+        for i in range(B):  # one sample at a time, its columns in chunks
+            cols = [self._apply_chunk(per_sample, slice(i, i + 1), block[i : i + 1, :, c : c + columns])
+                    for c in range(0, b, columns)]
+            outs.append(torch.cat(cols, dim=2))
+        return torch.cat(outs)
+
+    @property
+    def column_bytes(self) -> int:
+        """Memory one block column costs in a product, estimated (the ``m``-sized output, the gradient
+        and its tangent): what :attr:`chunk_bytes` is divided by."""
+        return 3 * max(self.out_dim, self.in_dim) * torch.empty((), dtype=self.dtype).element_size()
+
+    def _apply_chunk(self, per_sample: Callable[..., Tensor], rows: slice, block: Tensor) -> Tensor:
+        inputs, extra = self.inputs[rows], tuple(e[rows] for e in self.extra)
         if self._vectorize is not False and self.fallback_reason is None:
             try:
                 with self._context():
-                    return vmap(lambda x, e, b: per_sample(x, e, b))(self.inputs, self.extra, block)
+                    return vmap(lambda x, e, b: per_sample(x, e, b))(inputs, extra, block)
             except Exception as exc:  # vmap unsupported by some layer: fall back, say so once
                 if self._vectorize is True:
                     raise
@@ -289,17 +325,14 @@ class JacobianOperator:
                     f"invdefend.{self.name}: torch.func.vmap cannot batch this model over samples "
                     f"({self.fallback_reason}); using a per-sample loop (slower, same result)",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
         try:
             with self._context():
-                outs = [
-                    per_sample(self.inputs[i], tuple(e[i] for e in self.extra), block[i])
-                    for i in range(self.batch_size)
-                ]
+                outs = [per_sample(inputs[i], tuple(e[i] for e in extra), block[i]) for i in range(inputs.shape[0])]
         except Exception as exc:  # fails even one sample at a time: name the layer and what to do
             raise self._unsupported(
-                exc, lambda: per_sample(self.inputs[0], tuple(e[0] for e in self.extra), block[0])
+                exc, lambda: per_sample(inputs[0], tuple(e[0] for e in extra), block[0])
             ) from exc
         return torch.stack(outs)
 
@@ -334,6 +367,16 @@ class JacobianOperator:
         """``Jᵀ U`` for every sample: ``(B, m, b) -> (B, d, b)``."""
         self._check_block(U, self.out_dim, "rmatvec")
         return self._apply(self._jtu_one, U.to(self.dtype))
+
+    def gram_matvec(self, V: Tensor) -> Tensor:
+        """``JᵀJ V`` for every sample: ``(B, d, b) -> (B, d, b)``, without holding ``J V`` for more than one
+        chunk of columns (:attr:`chunk_bytes`): the memory-lean product of large models."""
+        self._check_block(V, self.in_dim, "gram_matvec")
+
+        def normal(x: Tensor, extra: tuple[Tensor, ...], block: Tensor) -> Tensor:
+            return self._jtu_one(x, extra, self._jv_one(x, extra, block))
+
+        return self._apply(normal, V.to(self.dtype))
 
     def values(self) -> Tensor:
         """``F(x)`` for every sample, flattened: ``(B, m)``."""
@@ -388,6 +431,7 @@ def gradient_jacobian(
     mode: Mode = "eval",
     vectorize: bool | Literal["auto"] = "auto",
     embedding_module: str | nn.Module | None = None,
+    buffers: dict[str, Tensor] | None = None,
 ) -> JacobianOperator:
     """The Jacobian of each sample's parameter gradient with respect to its input.
 
@@ -409,6 +453,8 @@ def gradient_jacobian(
         mode: evaluate the model in ``"eval"`` (default) or ``"train"`` mode; see the module docstring.
         vectorize: see :class:`JacobianOperator`.
         embedding_module: the submodule (or its name) whose output the Jacobian is taken with respect to.
+        buffers: buffer values to evaluate with instead of the model's own, by name (e.g.
+            :func:`batch_statistics`: train-mode BatchNorm on the batch's statistics, held as constants).
     """
     _check_mode("gradient_jacobian", mode)
     if embedding_module is None:
@@ -425,7 +471,11 @@ def gradient_jacobian(
         )
     params = {k: v.detach() for k, v in trainable_parameters(model).items()}
     frozen = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
-    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+    own = dict(model.named_buffers())
+    unknown = sorted(set(buffers or {}) - set(own))
+    if unknown:
+        raise ValueError(f"invdefend.gradient_jacobian: {type(model).__name__} has no buffers {unknown}")
+    buffers = {k: (buffers or {}).get(k, v).detach().clone() for k, v in own.items()}
     context = lambda: estimator_context(model, mode)
 
     def call(p: dict[str, Tensor], x: Tensor) -> Tensor:
@@ -515,6 +565,33 @@ def _batch_statistics(model: nn.Module, norms: list[nn.Module]) -> Iterator[None
         finally:
             for m, flag in saved:
                 m.track_running_stats = flag
+
+
+def batch_statistics(model: nn.Module, inputs: Tensor) -> dict[str, Tensor]:
+    """The mean and (biased) variance each train-mode BatchNorm layer normalises ``inputs`` with, as
+    ``{"<layer>.running_mean": ..., "<layer>.running_var": ...}``: passed as ``buffers=`` to
+    :func:`gradient_jacobian` (eval mode), each sample's Jacobian is that of the network training runs on
+    this batch with the statistics held fixed — it leaves out only how the sample moves the statistics, a
+    ``1/B`` share of each layer's (``batch_norm="frozen"`` of the defense; :func:`batch_gradient_jacobian`
+    keeps it). One forward of the batch, without gradients; the running statistics are not updated."""
+    norms = training_batch_norms(model)
+    names = {m: n for n, m in model.named_modules()}
+    stats: dict[str, Tensor] = {}
+
+    def keep(module: nn.Module, args: tuple) -> None:
+        x = args[0].detach()
+        dims = [0] + list(range(2, x.dim()))
+        stats[f"{names[module]}.running_mean"] = x.mean(dim=dims)
+        stats[f"{names[module]}.running_var"] = x.var(dim=dims, unbiased=False)
+
+    handles = [m.register_forward_pre_hook(keep) for m in norms]
+    try:
+        with _batch_statistics(model, norms), torch.no_grad():
+            model(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
 
 
 def batch_gradient_jacobian(

@@ -10,7 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["LeNet", "MLP", "SmallResNet", "SplitModel", "make_activation", "uniform_init_"]
+__all__ = [
+    "LeNet", "MLP", "ResNet18", "SmallResNet", "SplitModel", "TextTransformer", "ViT", "make_activation",
+    "uniform_init_",
+]
 
 
 def make_activation(name: str) -> nn.Module:
@@ -149,6 +152,126 @@ class SmallResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for a batch ``(B, C, H, W)``."""
         return self.classifier(self.pool(self.stages(self.stem(x))).flatten(1))
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(32, channels), channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"invdefend.models: norm={kind!r}; choose 'batch', 'group' or 'none'")
+
+
+class NormBlock(nn.Module):
+    """ResNet's basic block with normalisation: ``relu(n2(conv2(relu(n1(conv1(x))))) + skip(x))``, the skip a
+    1x1 convolution and normalisation when the shape changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, norm: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.n1 = _norm(norm, out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.n2 = _norm(norm, out_channels)
+        self.skip: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.skip = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                                      _norm(norm, out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output."""
+        return torch.relu(self.n2(self.conv2(torch.relu(self.n1(self.conv1(x))))) + self.skip(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 in its CIFAR layout (He et al., 2016; the 3x3-stem variant used for 32x32 inputs): a 3x3
+    stem, four stages of two basic blocks with ``width``, 2, 4 and 8 × ``width`` channels (stride 2 from the
+    second on), global average pooling and a linear classifier. 11,173,962 parameters at ``width=64`` with 10
+    classes, 701,466 at ``width=16``.
+
+    Args:
+        in_channels, num_classes: input channels and classes.
+        width: channels of the first stage (64 in the standard model).
+        norm: ``"batch"`` (standard), ``"group"`` or ``"none"``.
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 64, norm: str = "batch") -> None:
+        super().__init__()
+        if width < 1:
+            raise ValueError(f"invdefend.models.ResNet18: width={width} must be >= 1")
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False), _norm(norm, width),
+                                  nn.ReLU())
+        stages, channels = [], width
+        for i, out in enumerate((width, 2 * width, 4 * width, 8 * width)):
+            stride = 1 if i == 0 else 2
+            stages.append(nn.Sequential(NormBlock(channels, out, stride, norm), NormBlock(out, out, 1, norm)))
+            channels = out
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch ``(B, C, H, W)``."""
+        return self.classifier(self.pool(self.stages(self.stem(x))).flatten(1))
+
+
+class ViT(nn.Module):
+    """A Vision Transformer (Dosovitskiy et al., 2021) built on ``nn.TransformerEncoder``: non-overlapping
+    ``patch``-sized patches embedded by a strided convolution, a class token, learned positions, ``depth``
+    pre-norm encoder layers, a LayerNorm and a linear head on the class token. The defaults are ViT-Tiny's
+    width (192, 3 heads, MLP 768, depth 12) on 32x32 inputs with 4x4 patches: 5,362,762 parameters.
+
+    Args:
+        image_size, patch, in_channels, num_classes: input geometry and classes.
+        dim, depth, heads, mlp: the encoder's width, layers, attention heads and MLP width.
+    """
+
+    def __init__(self, image_size: int = 32, patch: int = 4, in_channels: int = 3, num_classes: int = 10,
+                 dim: int = 192, depth: int = 12, heads: int = 3, mlp: int = 768) -> None:
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"invdefend.models.ViT: patch={patch} must divide image_size={image_size}")
+        tokens = (image_size // patch) ** 2
+        self.embed = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(0.02 * torch.randn(1, tokens + 1, dim))
+        layer = nn.TransformerEncoderLayer(dim, heads, mlp, dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of images ``(B, C, H, W)``."""
+        h = self.embed(x).flatten(2).transpose(1, 2)
+        h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], dim=1) + self.pos
+        return self.head(self.norm(self.encoder(h))[:, 0])
+
+
+class TextTransformer(nn.Module):
+    """A text classifier on token ids: a token embedding (``self.embed``, the module to name as
+    ``embedding_module``) plus learned positions, a stock ``nn.TransformerEncoder`` of ``depth`` layers, mean
+    pooling and a linear head (2 layers, width 128, vocabulary 1000, 32 tokens: 529,156 parameters).
+
+    Args:
+        vocab, seq_len, num_classes: token vocabulary, sequence length, classes.
+        dim, depth, heads, mlp, dropout: the encoder's shape.
+    """
+
+    def __init__(self, vocab: int = 1000, seq_len: int = 32, num_classes: int = 4, dim: int = 128, depth: int = 2,
+                 heads: int = 4, mlp: int = 512, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(0.02 * torch.randn(seq_len, dim))
+        layer = nn.TransformerEncoderLayer(dim, heads, mlp, dropout=dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of token ids ``(B, seq_len)``."""
+        h = self.embed(ids) + self.pos[: ids.shape[1]]
+        return self.head(self.encoder(h).mean(1))
 
 
 class MLP(nn.Module):

@@ -54,6 +54,10 @@ class WhitenedOperator:
         """``J̃ᵀ U = Aᵀ (Jᵀ U)``: ``(B, m, b) -> (B, d, b)``."""
         return self.apply_root_t(self.op.rmatvec(U))
 
+    def gram_matvec(self, V: Tensor) -> Tensor:
+        """``J̃ᵀJ̃ V = Aᵀ JᵀJ (A V)``, memory-lean (:meth:`JacobianOperator.gram_matvec`)."""
+        return self.apply_root_t(self.op.gram_matvec(self.apply_root(V.to(self.dtype))))
+
     def values(self) -> Tensor:
         """``F(x)`` (whitening changes the coordinates of the input, not the shared quantity)."""
         return self.op.values()

@@ -66,6 +66,7 @@ from ..cumulative import ReleaseLedger
 from ..jacobian import (
     JacobianOperator,
     batch_gradient_jacobian,
+    batch_statistics,
     find_module,
     gradient_jacobian,
     trainable_parameters,
@@ -400,13 +401,15 @@ class GradientDefense(SettingsAccess):
         n = int(inputs.shape[0])
         idx = torch.randperm(n, generator=self.probe_generator)[: min(self.probes, n)]
         coupled = self.mode == "eval" and bool(training_batch_norms(self.model))
-        if coupled and (self.batch_norm == "running" or self.embedding_module is not None) and not self._warned_bn:
+        exact = coupled and self.batch_norm == "batch" and self.embedding_module is None
+        if coupled and not exact and self.batch_norm != "frozen" and not self._warned_bn:
             self._warned_bn = True
             warnings.warn(
                 "invdefend.GradientDefense: the model trains BatchNorm on batch statistics but the Jacobian is "
-                "taken on running statistics ("
-                + ("batch_norm='running'" if self.batch_norm == "running" else "not available with embedding_module")
-                + "); the predicted risk is that of the eval-mode model, not of the function trained "
+                + ("taken on its running statistics (batch_norm='running')" if self.batch_norm == "running" else
+                   "taken with the batch's statistics held fixed (batch_norm='batch' is not available with "
+                   "embedding_module)")
+                + "; the predicted risk is that of another function than the one trained "
                 "(docs/theory.md, 'BatchNorm as trained')",
                 RuntimeWarning,
                 stacklevel=4,
@@ -414,11 +417,13 @@ class GradientDefense(SettingsAccess):
         self._busy = True
         try:
             with torch.enable_grad():
-                if coupled and self.batch_norm == "batch" and self.embedding_module is None:
+                if exact:
                     yield batch_gradient_jacobian(self.model, self.loss_fn, inputs, targets, idx)
                 else:
+                    stats = (batch_statistics(self.model, inputs) if coupled and self.batch_norm != "running"
+                             else None)
                     yield gradient_jacobian(self.model, self.loss_fn, inputs[idx], targets[idx], mode=self.mode,
-                                            embedding_module=self.embedding_module)
+                                            embedding_module=self.embedding_module, buffers=stats)
         finally:
             self._busy = False
 
@@ -496,10 +501,23 @@ class GradientDefense(SettingsAccess):
                             eff.risk_noise_model)
 
     # -- the release ----------------------------------------------------------------------------------------
-    def protect(self) -> ReleaseRecord:
-        """Add the defense's noise to the model's gradients in place and record the release."""
+    def protect(self, *, energy: float | None = None, into: Tensor | None = None) -> ReleaseRecord:
+        """Add the defense's noise to the model's gradients in place and record the release.
+
+        Args:
+            energy: the ``‖ḡ‖²`` the noise is scaled to (default: that of the gradients, which must then be
+                finite). Given, the gradients are not read: the noise can be drawn before they exist (the DDP
+                hook scales a step's noise by the previous step's energy to overlap communication).
+            into: a flat tensor of the trainable parameters' size receiving the noise (in
+                ``model.parameters()`` order) instead of the gradients; zeros when nothing is added.
+        """
         params = self._params()
-        grad_energy = self._energy(params)
+        grad_energy = self._energy(params) if energy is None else _checked_energy(energy)
+        if into is not None and (into.dim() != 1 or into.numel() != sum(p.numel() for p in params)):
+            raise ValueError(
+                f"invdefend.GradientDefense.protect: into must be a flat tensor of the trainable parameters' size "
+                f"({sum(p.numel() for p in params)}), got shape {tuple(into.shape)}"
+            )
         inputs, targets = self._batch()
         batch = int(inputs.shape[0])
         m = sum(p.numel() for p in params)
@@ -588,14 +606,18 @@ class GradientDefense(SettingsAccess):
             )
             buf, views = self._buffer(params)
             buf.copy_(self.noise.normal((m,), buf.dtype, buf.device)).mul_(math.sqrt(self.fallback_budget * grad_energy / m))
-            rel = self._release(params, buf, views, grad_energy)
+            rel = self._emit(params, buf, views, grad_energy, into)
             relative_budget, target_reached = self.fallback_budget, None
         elif plan is None:  # monitor mode without a valid estimate: nothing to add, by request
             relative_budget, target_reached = 0.0, None
+            if into is not None:
+                into.zero_()
         else:
             buf, views = self._buffer(params)
             if self._draw(plan, spec, grad_energy, buf, wrote=operator_drawn):
-                rel = self._release(params, buf, views, grad_energy)
+                rel = self._emit(params, buf, views, grad_energy, into)
+            elif into is not None:
+                into.zero_()
             relative_budget, target_reached = plan.relative_budget, plan.target_reached
         self._energy_last = grad_energy
         fields["risk_prior"] = self._prior_label
@@ -675,6 +697,15 @@ class GradientDefense(SettingsAccess):
             wrote = True
         return wrote
 
+    def _emit(self, params: list[Tensor], buf: Tensor, views: list[Tensor], grad_energy: float,
+              into: Tensor | None) -> float:
+        """Release the noise in ``buf``: into the gradients, or into ``into``; its relative energy."""
+        if into is None:
+            return self._release(params, buf, views, grad_energy)
+        into.copy_(buf.to(into.dtype))
+        b64 = buf.double()
+        return float(torch.dot(b64, b64)) / grad_energy if grad_energy > 0 else 0.0
+
     @staticmethod
     def _release(params: list[Tensor], buf: Tensor, views: list[Tensor], grad_energy: float) -> float:
         """Add the noise in ``buf`` to the gradients in place; returns its energy relative to ``grad_energy``."""
@@ -729,6 +760,14 @@ class GradientDefense(SettingsAccess):
             self._next_refresh = self.step  # an old checkpoint without a (current) plan: re-plan at the next step
         if state.get("ledger") is not None:
             self.ledger.load_state_dict(state["ledger"])
+
+
+def _checked_energy(energy: float) -> float:
+    value = float(energy)
+    if not math.isfinite(value) or value < 0:
+        raise DefenseError(f"invdefend.GradientDefense: energy={energy!r} must be a finite number >= 0; nothing was "
+                           "released")
+    return value
 
 
 class DefendedOptimizer(torch.optim.Optimizer):

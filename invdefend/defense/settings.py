@@ -61,10 +61,14 @@ class DefenseSettings:
         sweeps, cold_sweeps, oversample: the estimator's warm and cold sweep limits and extra block columns.
         max_residual: estimator error above which an estimate is not trusted (fail closed).
         mode: model mode for the Jacobian (``"eval"`` or ``"train"``).
-        batch_norm: gradients, a BatchNorm layer the user trains in train mode: ``"batch"`` (default) takes
-            the Jacobian of the function actually trained — batch statistics, the rest of the batch held fixed
-            (:func:`invdefend.jacobian.batch_gradient_jacobian`; one batch forward per product) — and
-            ``"running"`` the cheaper per-sample Jacobian on running statistics (warns once).
+        batch_norm: gradients, BatchNorm layers the user trains in train mode. ``"frozen"`` (default): the
+            per-sample Jacobian with every such layer normalising by the batch's statistics, held as
+            constants (:func:`invdefend.jacobian.batch_statistics`; one extra forward per refresh).
+            ``"batch"``: the exact Jacobian of the function trained — the rest of the batch held fixed, the
+            statistics moving with the sample (:func:`invdefend.jacobian.batch_gradient_jacobian`; each
+            product runs the whole batch, ``B`` times the cost). ``"running"``: eval-mode running statistics
+            (warns once: at the start of training they are their initial values, and the Jacobian is off by
+            an order of magnitude). ``docs/theory.md`` ("BatchNorm as trained") measures the three.
     Risk model:
         rho: the reference attacker precision; v0: prior variance per input coordinate (default
         ``dynamic_range²/12``); dynamic_range: ``R`` of the inputs.
@@ -100,7 +104,7 @@ class DefenseSettings:
     exact_max_dim: int = 0
     max_residual: float = 0.5
     mode: Literal["eval", "train"] = "eval"
-    batch_norm: Literal["batch", "running"] = "batch"
+    batch_norm: Literal["frozen", "batch", "running"] = "frozen"
     rho: float = DEFAULT_RHO
     v0: float | None = None
     dynamic_range: float = 1.0
@@ -158,9 +162,9 @@ class DefenseSettings:
             raise ValueError(f"invdefend.{owner}: max_residual={mr!r} must be a finite number > 0")
         if self.mode not in ("eval", "train"):
             raise ValueError(f"invdefend.{owner}: mode={self.mode!r}; choose 'eval' or 'train'")
-        if self.batch_norm not in ("batch", "running"):
-            raise ValueError(f"invdefend.{owner}: batch_norm={self.batch_norm!r}; choose 'batch' (the batch "
-                             "statistics training uses) or 'running' (running statistics, cheaper)")
+        if self.batch_norm not in ("frozen", "batch", "running"):
+            raise ValueError(f"invdefend.{owner}: batch_norm={self.batch_norm!r}; choose 'frozen' (the batch's "
+                             "statistics as constants), 'batch' (exact, B times the cost) or 'running'")
         _check_int(owner, "band_pass_steps", self.band_pass_steps, 1)
         q = self.band_pass_quantile
         if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 < q < 1.0:

@@ -50,3 +50,25 @@ def test_assess_errors_name_the_problem(tmp_path):
     np.savez(data, inputs=np.zeros((2, 1, 8, 8), dtype=np.float32))
     with pytest.raises(KeyError, match="--x-key"):
         main(["assess", "--model", f"{ZOO}:lenet_digits", "--data", str(data)])
+
+
+def test_threads_are_set_on_purpose_and_restored(tmp_path, monkeypatch):
+    import torch
+
+    from invdefend import cli
+
+    seen = []
+    monkeypatch.setattr("invdefend.commands.assess.run", lambda args: seen.append(torch.get_num_threads()) or 0)
+    before = torch.get_num_threads()
+    assert main(["--threads", "3", "assess", "--model", f"{ZOO}:lenet_digits", "--data", "digits"]) == 0
+    monkeypatch.setenv("INVDEFEND_THREADS", "2")
+    assert main(["assess", "--model", f"{ZOO}:lenet_digits", "--data", "digits"]) == 0
+    monkeypatch.delenv("INVDEFEND_THREADS")
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    assert main(["assess", "--model", f"{ZOO}:lenet_digits", "--data", "digits"]) == 0
+    assert seen == [3, 2, 1] and torch.get_num_threads() == before
+    with pytest.raises(SystemExit):
+        main(["--threads", "0", "assess", "--model", f"{ZOO}:lenet_digits", "--data", "digits"])
+    monkeypatch.setenv("INVDEFEND_THREADS", "many")
+    with pytest.raises(SystemExit, match="INVDEFEND_THREADS='many' must be a positive integer"):
+        main(["assess", "--model", f"{ZOO}:lenet_digits", "--data", "digits"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from invdefend.jacobian import batch_gradient_jacobian, gradient_jacobian
+from invdefend.jacobian import batch_gradient_jacobian, batch_statistics, gradient_jacobian
 
 V, T, D, C = 30, 5, 8, 3
 
@@ -143,6 +143,23 @@ def test_train_mode_batchnorm_jacobian_is_that_of_the_function_trained():
         # the running-statistics Jacobian is a different function: the gap is large, not rounding
         running_op = gradient_jacobian(model, loss, X[i : i + 1], Y[i : i + 1])
         assert float((running_op.dense()[0] @ v - fd).norm() / fd.norm()) > 0.1
+
+
+def test_batch_statistics_reproduce_the_training_forward_and_leave_the_model_alone():
+    """Held as eval-mode buffers, the statistics give each sample exactly the output training computes."""
+    torch.manual_seed(6)
+    model = _bn_net()
+    model[3].p = 0.0  # dropout off in both, so the outputs are comparable
+    X = torch.randn(6, 3, 6, 6, dtype=torch.float64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = batch_statistics(model.train(), X)
+    assert set(stats) == {"1.running_mean", "1.running_var"}
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), "running statistics moved"
+    trained = copy.deepcopy(model).train()(X)
+    frozen = torch.func.functional_call(copy.deepcopy(model).eval(), stats, (X,))
+    torch.testing.assert_close(frozen, trained, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=r"has no buffers \['nope'\]"):
+        gradient_jacobian(model, nn.CrossEntropyLoss(), X[:1], torch.tensor([0]), buffers={"nope": X})
 
 
 def test_without_batchnorm_the_batch_jacobian_is_the_per_sample_one():

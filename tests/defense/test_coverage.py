@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from invdefend import DefenseError, GradientDefense
-from invdefend.jacobian import batch_gradient_jacobian, gradient_jacobian
+from invdefend.jacobian import batch_gradient_jacobian, batch_statistics, gradient_jacobian
 from invdefend.spectral import exact_spectrum
 
 V, T, D, C = 60, 6, 8, 3
@@ -178,27 +178,33 @@ class BNNet(nn.Module):
         return self.net(x)
 
 
-def test_train_mode_batchnorm_is_estimated_on_batch_statistics():
+@pytest.mark.parametrize("batch_norm", ["batch", "frozen"])
+def test_train_mode_batchnorm_is_estimated_on_batch_statistics(batch_norm: str):
     torch.manual_seed(4)
     model, loss = BNNet().double(), nn.CrossEntropyLoss()
     X, Y = torch.randn(5, 3, 5, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
-    defense = GradientDefense(model, loss, mechanism="monitor", probes=5, k=75, prior=None, seed=0)
+    defense = GradientDefense(model, loss, mechanism="monitor", probes=5, k=75, prior=None, seed=0,
+                              batch_norm=batch_norm)
     model.train()
     loss(model(X), Y).backward()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         record = defense.protect()
     assert not record.fallback
-    # the recorded spectrum is the coupled Jacobian's (all five samples are probes; rows in the defense's order)
-    expected = exact_spectrum(batch_gradient_jacobian(model, loss, X, Y, list(range(5))), k=75).singular_values
-    per_sample = exact_spectrum(gradient_jacobian(model, loss, X, Y), k=75).singular_values
+    # the recorded spectrum (all five samples are probes; rows in the defense's order) is the one asked for
+    exact = exact_spectrum(batch_gradient_jacobian(model, loss, X, Y, list(range(5))), k=75).singular_values
+    frozen = exact_spectrum(gradient_jacobian(model, loss, X, Y, buffers=batch_statistics(model, X)),
+                            k=75).singular_values
+    running = exact_spectrum(gradient_jacobian(model, loss, X, Y), k=75).singular_values
 
     def rows(sv: Tensor) -> Tensor:
         return sv[sv[:, 0].argsort()]
 
     got = rows(defense.spectrum.singular_values)
-    torch.testing.assert_close(got, rows(expected), rtol=1e-6, atol=1e-9)
-    assert float((got - rows(per_sample)).abs().max() / got.max()) > 0.05  # not the running-statistics one
+    torch.testing.assert_close(got, rows(exact if batch_norm == "batch" else frozen), rtol=1e-6, atol=1e-9)
+    other = rows(frozen if batch_norm == "batch" else exact)
+    assert float((got - other).abs().max() / got.max()) > 1e-3  # the two are different functions
+    assert float((got[:, 0] / rows(running)[:, 0]).min()) > 1.3  # running statistics at init: far off
 
 
 def test_batch_norm_running_warns_once_that_it_prices_another_function():
@@ -215,7 +221,7 @@ def test_batch_norm_running_warns_once_that_it_prices_another_function():
             opt.step()
     msgs = [str(w.message) for w in caught if "BatchNorm on batch statistics" in str(w.message)]
     assert len(msgs) == 1 and "batch_norm='running'" in msgs[0]
-    with pytest.raises(ValueError, match="batch_norm='stats'"):
+    with pytest.raises(ValueError, match="batch_norm='stats'; choose 'frozen'"):
         GradientDefense(model, loss, batch_norm="stats")
 
 

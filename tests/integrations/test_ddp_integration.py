@@ -89,6 +89,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:  # pragma: 
             "relative_energy": state.last_record.relative_energy,
             "fallback": state.last_record.fallback,
             "buckets": state.last_bucket_count,
+            "energy_ratio": state.last_energy_ratio,
+            "overlapped_steps": state.overlapped_steps,
         })
     result["defense_steps"] = defense.step
     result["hook_steps"] = state.steps
@@ -126,6 +128,20 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:  # pragma: 
     except Exception as exc:
         result["errors"]["nan"] = f"{type(exc).__name__}: {exc}"
     result["nan_defense_steps"] = defense4.step
+
+    # --- a NaN on rank 1 in an overlapped step (the second): sent with its noise, both ranks raise --------
+    model5, defense5, ddp5 = defended(seed=0)
+    state5 = register_spectral_noise_hook(ddp5, defense5, seed=11)
+    criterion(ddp5(x[:BATCH]), y[:BATCH]).backward()  # step 0 waits; it sets the scale of step 1
+    xb = x[BATCH : 2 * BATCH].clone()
+    if rank == 1:
+        xb[0, 0, 0, 0] = float("nan")
+    try:
+        criterion(ddp5(xb), y[BATCH : 2 * BATCH]).backward()
+        result["errors"]["nan_overlapped"] = ""
+    except Exception as exc:
+        result["errors"]["nan_overlapped"] = f"{type(exc).__name__}: {exc}"
+    result["nan_overlapped_steps"] = state5.overlapped_steps
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
@@ -175,7 +191,8 @@ def test_each_rank_draws_its_own_noise_at_the_budget(ranks: list[dict]) -> None:
             s = r["steps"][step]
             assert not s["fallback"]
             measured = float(s["noise"].double().pow(2).sum() / s["clean"].double().pow(2).sum())
-            assert measured == pytest.approx(s["relative_energy"], rel=1e-3)
+            # overlapped steps are scaled to the previous step's energy: budget × ‖g_{t−1}‖²/‖g_t‖²
+            assert measured == pytest.approx(s["relative_energy"] * s["energy_ratio"], rel=1e-3)
             assert 0 < measured < 1
         cos = float(torch.nn.functional.cosine_similarity(n0, n1, dim=0))
         assert abs(cos) < 0.9, f"step {step}: the two ranks' noise is nearly identical (cos {cos:.3f})"
@@ -191,6 +208,27 @@ def test_the_optimizer_applies_the_noise_exactly_once(ranks: list[dict]) -> None
             # and the averaged gradient is not the clean mean: the noise is there once, not zero times
             clean_mean = sum(q["steps"][step]["clean"] for q in ranks) / WORLD
             assert float((s["final"] - clean_mean).norm()) > 1e-3 * float(clean_mean.norm())
+
+
+@pytest.mark.slow
+def test_steps_after_the_first_overlap_with_the_previous_steps_scale(ranks: list[dict]) -> None:
+    """The first step waits for its whole gradient; every later one is sent bucket by bucket, its noise scaled
+    to the previous step's energy (the lag the record reports as the energy ratio)."""
+    for r in ranks:
+        steps = r["steps"]
+        assert [s["overlapped_steps"] for s in steps] == [0, 1, 2]
+        assert steps[0]["energy_ratio"] == 1.0
+        for prev, cur in zip(steps, steps[1:]):
+            expected = float(prev["clean"].double().pow(2).sum() / cur["clean"].double().pow(2).sum())
+            assert cur["energy_ratio"] == pytest.approx(expected, rel=1e-4)
+            assert cur["energy_ratio"] != pytest.approx(1.0, abs=1e-6)  # a real lag, not this step's scale
+
+
+@pytest.mark.slow
+def test_a_nan_in_an_overlapped_step_fails_every_rank(ranks: list[dict]) -> None:
+    for r in ranks:
+        assert "holds NaN/Inf" in r["errors"]["nan_overlapped"]
+        assert r["nan_overlapped_steps"] == 1
 
 
 @pytest.mark.slow
