@@ -216,6 +216,9 @@ class JacobianOperator:
         name: what the operator computes, for messages.
         module: the model ``fn`` evaluates, to name the failing layer when it cannot be evaluated or
             differentiated one sample at a time (:class:`JacobianError`).
+        value_fn: what :meth:`values` reports for a sample (same arguments as ``fn``; default ``fn``): the
+            size of the sample's own shared quantity when ``fn`` carries more (the batch Jacobian's whole
+            batch gradient).
 
     Attributes:
         chunk_bytes: the memory one vmapped product call may use (default :data:`CHUNK_BYTES`); larger
@@ -232,6 +235,7 @@ class JacobianOperator:
         name: str = "jacobian",
         context: Callable[[], contextlib.AbstractContextManager] | None = None,
         module: nn.Module | None = None,
+        value_fn: Callable[..., Tensor] | None = None,
     ) -> None:
         check_inputs(name, inputs)
         for e in extra:
@@ -252,6 +256,7 @@ class JacobianOperator:
         self.fallback_reason: str | None = None
         self.module = module
         self.chunk_bytes = CHUNK_BYTES
+        self._value_fn = value_fn or fn
 
         def first() -> Tensor:
             return self._flat_fn(self.inputs[0], *(e[0] for e in self.extra))
@@ -382,7 +387,8 @@ class JacobianOperator:
         """``F(x)`` for every sample, flattened: ``(B, m)``."""
         with self._context():
             return torch.stack(
-                [self._flat_fn(self.inputs[i], *(e[i] for e in self.extra)) for i in range(self.batch_size)]
+                [self._value_fn(self.inputs[i], *(e[i] for e in self.extra)).reshape(-1)
+                 for i in range(self.batch_size)]
             ).detach()
 
     def dense(self, chunk: int = 256) -> Tensor:
@@ -612,6 +618,8 @@ def batch_gradient_jacobian(
     sample's term through the batch statistics; without BatchNorm it equals the per-sample one. BatchNorm
     layers in train mode use the batch's statistics (running statistics are neither used nor updated), every
     other layer runs in eval mode (dropout off). Each product runs a forward and backward of the whole batch.
+    :meth:`~JacobianOperator.values` reports the sample's own gradient term (what the reference precision is
+    relative to), not the whole batch's.
 
     Args:
         model, loss_fn: as in :func:`gradient_jacobian` (mean reduction).
@@ -646,9 +654,21 @@ def batch_gradient_jacobian(
         g = grad_fn(params, x, i)
         return torch.cat([g[k].reshape(-1) for k in params])
 
+    def own_loss(p: dict[str, Tensor], x: Tensor, i: Tensor) -> Tensor:
+        mask = (positions == i).reshape((B,) + (1,) * x.dim())
+        out = functional_call(model, ({**p, **frozen}, buffers), (torch.where(mask, x.unsqueeze(0), X),))
+        return loss_fn(out[i].unsqueeze(0), Y[i].unsqueeze(0))
+
+    own_grad = grad(own_loss)
+
+    def own_gradient(x: Tensor, i: Tensor) -> Tensor:
+        # the sample's own term, for the size of what it shares (the reference precision is relative to it)
+        g = own_grad(params, x, i)
+        return torch.cat([g[k].reshape(-1) for k in params])
+
     return JacobianOperator(gradient_of_batch, X[idx], (idx,), vectorize=vectorize,
                             name="batch_gradient_jacobian", context=lambda: _batch_statistics(model, norms),
-                            module=model)
+                            module=model, value_fn=own_gradient)
 
 
 def embedding_jacobian(

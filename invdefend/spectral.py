@@ -273,7 +273,7 @@ def topk_spectrum(
         block: columns per sweep (default ``k + oversample``). A block smaller than ``k`` grows the Krylov
             space in smaller steps (``k`` values need at least ``k / block`` sweeps): fewer products to the
             same accuracy when products are expensive. ``"auto"``: :data:`LEAN_BLOCK` columns when the
-            images would not fit in :data:`IMAGE_BYTES` (a large model: on a ResNet-18, top-16 to 1 %
+            images would not fit in :data:`IMAGE_BYTES` (a large model: on a width-16 ResNet-18, top-16 to 1 %
             took 72 products with 8 columns against 160 with 32), else ``k + oversample``.
         backward_tol: also stop once the estimate's backward error (:func:`estimator_error`: residuals
             relative to ``σ₁²``) is at most this; the defenses stop at half the error they trust

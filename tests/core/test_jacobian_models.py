@@ -202,3 +202,16 @@ def test_group_and_layer_norm_with_dropout_match_finite_differences(norm: str):
         step = eps * v[i, :, 0].reshape(X[0].shape)
         fd = (g(X[i] + step) - g(X[i] - step)) / (2 * eps)
         assert float((fd - jv[i, :, 0]).norm() / fd.norm()) < 1e-6
+
+
+def test_the_batch_jacobian_reports_the_samples_own_gradient_as_its_value():
+    torch.manual_seed(7)
+    model, loss = _bn_net(), nn.CrossEntropyLoss()
+    model[3].p = 0.0
+    X, Y = torch.randn(5, 3, 6, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    values = batch_gradient_jacobian(model, loss, X, Y, [2]).values()
+    m = copy.deepcopy(model).train()
+    m.zero_grad()
+    out = m(X)
+    loss(out[2:3], Y[2:3]).backward()
+    torch.testing.assert_close(values[0], _flat_grads(m), rtol=1e-10, atol=1e-12)
