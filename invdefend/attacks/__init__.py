@@ -16,6 +16,8 @@ With a learned prior (auxiliary data disjoint from the audited samples):
     :func:`train_gradient_decoder` + :func:`gradient_decoder_attack` (:class:`GradientDecoder`).
 Across releases (the same sample released in several rounds, fresh noise, the model moving):
     :func:`multi_release_gradient_attack`.
+From a FedAvg client's update after several local steps (what the client sends, not its releases):
+    :func:`local_update_attack` (:func:`simulate_local_update`).
 Many releases of one model at once (audits, the fidelity study):
     :func:`batched_gradient_attack` (Inverting Gradients or the prior-aware MAP attack), :func:`release_gradients`.
 """
@@ -41,6 +43,7 @@ from .defense_aware import (
 )
 from .batched import BatchedAttackResult, batched_gradient_attack, release_gradients
 from .dlg import dlg
+from .local_update import local_update_attack, simulate_local_update
 from .multi_release import multi_release_gradient_attack
 from .embedding_inversion import (
     EmbeddingDecoder,
@@ -55,6 +58,8 @@ from .learned_prior import GradientDecoder, GradientNoiseSampler, gradient_decod
 
 __all__ = [
     "multi_release_gradient_attack",
+    "local_update_attack",
+    "simulate_local_update",
     "batched_gradient_attack",
     "BatchedAttackResult",
     "release_gradients",
