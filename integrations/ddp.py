@@ -148,6 +148,8 @@ class SpectralNoiseHookState:
         self._overlapping = False
         self._sent = 0  # buckets sent in the overlapped step under way
         self._failure = ""  # why this rank could not protect the overlapped step under way
+        self._step_failed = False  # set by the all-reduce callbacks of a step that failed on some rank
+        self._step_scale = 0.0  # the previous step's ‖g‖² the overlapped step under way is scaled to
         self._noise: Tensor | None = None  # the overlapped step's noise, flat, trainable-parameter order
         self._offsets: dict[int, tuple[int, int]] = {}
         self._step_energy = 0.0
@@ -221,8 +223,8 @@ class SpectralNoiseHookState:
         noise = torch.empty(offset, dtype=dtype, device=params[0].device)
         if not self._failure:
             try:
-                assert self._energy_prev is not None
-                self.last_record = self.defense.protect(energy=self.scale_margin * self._energy_prev, into=noise)
+                self._step_scale = float(self._energy_prev)  # type: ignore[arg-type]
+                self.last_record = self.defense.protect(energy=self.scale_margin * self._step_scale, into=noise)
                 self._expected_defense_step = self.defense.step
             except Exception as exc:  # reaches the peers as NaN buckets, and this rank's backward as the error
                 self._last_exception = exc
@@ -230,8 +232,10 @@ class SpectralNoiseHookState:
         self._noise = noise
 
     def _failed_step(self) -> None:
-        """A failed step, seen by every rank: the next one waits for its whole gradient on every rank."""
-        self._energy_prev = None
+        """A failed step, seen by every rank (called from the all-reduce callbacks, possibly on another
+        thread): the next step waits for its whole gradient on every rank. Applied when the next step opens,
+        after DDP has waited for every callback of this one, so every rank decides alike."""
+        self._step_failed = True
 
     def _send_overlapped(self, bucket: Any) -> torch.futures.Future:
         """Noise one bucket with its slice of the step's noise and all-reduce it now."""
@@ -270,8 +274,7 @@ class SpectralNoiseHookState:
             self.last_energy_ratio = float("nan")
             self._energy_prev = None
             return
-        assert self._energy_prev is not None
-        self.last_energy_ratio = self._energy_prev / energy if energy > 0 else float("inf")
+        self.last_energy_ratio = self._step_scale / energy if energy > 0 else float("inf")
         if self.last_record is not None:
             self.last_record.extra["energy_ratio"] = self.last_energy_ratio
         if energy > 0:  # an all-zero gradient keeps the previous scale (a rank-local reset would desynchronise)
@@ -358,8 +361,10 @@ def spectral_noise_hook(state: SpectralNoiseHookState, bucket):  # type: ignore[
     """
     if bucket.index() == 0:  # DDP launches buckets in index order: bucket 0 opens a step
         state._begin_step()
-        state._overlapping = state.overlap and state._energy_prev is not None
         state._sent = 0
+        if state._step_failed:  # the previous step failed on some rank: every rank waits now
+            state._step_failed, state._energy_prev = False, None
+        state._overlapping = state.overlap and state._energy_prev is not None
         if state._overlapping:
             state._open_overlapped()
     if state._overlapping:
