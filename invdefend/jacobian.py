@@ -492,13 +492,7 @@ def gradient_jacobian(
         def loss_of(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
             return loss_fn(call(p, x), y.unsqueeze(0))
 
-        grad_fn = grad(loss_of)
-
-        def per_sample_gradient(x: Tensor, y: Tensor) -> Tensor:
-            g = grad_fn(params, x, y)
-            return torch.cat([g[k].reshape(-1) for k in params])
-
-        return JacobianOperator(per_sample_gradient, inputs, (targets,), vectorize=vectorize,
+        return JacobianOperator(_flat_gradient(loss_of, params), inputs, (targets,), vectorize=vectorize,
                                 name="gradient_jacobian", context=context, module=model)
 
     embed = find_module("gradient_jacobian", model, embedding_module)
@@ -516,14 +510,20 @@ def gradient_jacobian(
         finally:
             handle.remove()
 
-    embedded_grad = grad(embedded_loss)
+    return JacobianOperator(_flat_gradient(embedded_loss, params), embedded, (inputs, targets), vectorize=vectorize,
+                            name="gradient_jacobian", context=context, module=model)
 
-    def per_sample_embedded_gradient(e: Tensor, ids: Tensor, y: Tensor) -> Tensor:
-        g = embedded_grad(params, e, ids, y)
+
+def _flat_gradient(loss_of: Callable[..., Tensor], params: dict[str, Tensor]) -> Callable[..., Tensor]:
+    """``(*args) -> ∇_p loss_of(p, *args)`` at ``params``, flattened in their order: the per-sample function a
+    gradient operator differentiates."""
+    grad_fn = grad(loss_of)
+
+    def flat(*args: Tensor) -> Tensor:
+        g = grad_fn(params, *args)
         return torch.cat([g[k].reshape(-1) for k in params])
 
-    return JacobianOperator(per_sample_embedded_gradient, embedded, (inputs, targets), vectorize=vectorize,
-                            name="gradient_jacobian", context=context, module=model)
+    return flat
 
 
 def _module_outputs(model: nn.Module, module: nn.Module, inputs: Tensor,
@@ -643,28 +643,20 @@ def batch_gradient_jacobian(
     norms = training_batch_norms(model)
     positions = torch.arange(B, device=X.device)
 
-    def batch_loss(p: dict[str, Tensor], x: Tensor, i: Tensor) -> Tensor:
+    def batch_output(p: dict[str, Tensor], x: Tensor, i: Tensor) -> Tensor:
+        """The whole batch's output with ``x`` in place of sample ``i``."""
         mask = (positions == i).reshape((B,) + (1,) * x.dim())
-        out = functional_call(model, ({**p, **frozen}, buffers), (torch.where(mask, x.unsqueeze(0), X),))
-        return loss_fn(out, Y) * B
+        return functional_call(model, ({**p, **frozen}, buffers), (torch.where(mask, x.unsqueeze(0), X),))
 
-    grad_fn = grad(batch_loss)
-
-    def gradient_of_batch(x: Tensor, i: Tensor) -> Tensor:
-        g = grad_fn(params, x, i)
-        return torch.cat([g[k].reshape(-1) for k in params])
+    def batch_loss(p: dict[str, Tensor], x: Tensor, i: Tensor) -> Tensor:
+        return loss_fn(batch_output(p, x, i), Y) * B
 
     def own_loss(p: dict[str, Tensor], x: Tensor, i: Tensor) -> Tensor:
-        mask = (positions == i).reshape((B,) + (1,) * x.dim())
-        out = functional_call(model, ({**p, **frozen}, buffers), (torch.where(mask, x.unsqueeze(0), X),))
-        return loss_fn(out[i].unsqueeze(0), Y[i].unsqueeze(0))
+        return loss_fn(batch_output(p, x, i)[i].unsqueeze(0), Y[i].unsqueeze(0))
 
-    own_grad = grad(own_loss)
-
-    def own_gradient(x: Tensor, i: Tensor) -> Tensor:
-        # the sample's own term, for the size of what it shares (the reference precision is relative to it)
-        g = own_grad(params, x, i)
-        return torch.cat([g[k].reshape(-1) for k in params])
+    gradient_of_batch = _flat_gradient(batch_loss, params)
+    # the sample's own term, for the size of what it shares (the reference precision is relative to it)
+    own_gradient = _flat_gradient(own_loss, params)
 
     return JacobianOperator(gradient_of_batch, X[idx], (idx,), vectorize=vectorize,
                             name="batch_gradient_jacobian", context=lambda: _batch_statistics(model, norms),

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from recording import RecordingSGD
 from torch import nn
 
 from invdefend import GradientDefense
@@ -49,19 +50,6 @@ def test_bad_arguments_are_named():
         local_update_attack(model, torch.zeros(3), input_shape=SHAPE, labels=y, steps=STEPS, lr=LR, noise_variance=-1)
 
 
-class _Releases(torch.optim.SGD):
-    """SGD that keeps every gradient it was handed (each local step's protected release)."""
-
-    def __init__(self, params, lr: float) -> None:
-        super().__init__(params, lr=lr)
-        self.seen: list[torch.Tensor] = []
-
-    def step(self, closure=None):  # type: ignore[override]
-        self.seen.append(torch.cat([p.grad.detach().reshape(-1).clone() for g in self.param_groups
-                                    for p in g["params"]]))
-        return super().step(closure)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_the_update_carries_no_more_than_its_releases(seed: int):
@@ -74,7 +62,8 @@ def test_the_update_carries_no_more_than_its_releases(seed: int):
     # defended: every local step released under isotropic noise of relative energy 0.01
     client, criterion = copy.deepcopy(model), nn.CrossEntropyLoss()
     defense = GradientDefense(client, criterion, mechanism="isotropic", budget=0.01, prior=None, seed=100 + seed)
-    inner = _Releases(client.parameters(), lr=LR)
+    inner = RecordingSGD(client.parameters(), lr=LR)
+    releases = []
     opt = defense.wrap(inner)
     models, laws = [], []
     for _ in range(STEPS):
@@ -82,13 +71,14 @@ def test_the_update_carries_no_more_than_its_releases(seed: int):
         criterion(client(x), y).backward()
         models.append(copy.deepcopy(client))
         opt.step()
+        releases.append(inner.flat(-1))
         laws.append(defense.noise_law())
     update = torch.cat([(a - b).detach().reshape(-1) for a, b in zip(client.parameters(), model.parameters())])
-    torch.testing.assert_close(update, -LR * torch.stack(inner.seen).sum(0), rtol=1e-4, atol=1e-7)  # post-processing
+    torch.testing.assert_close(update, -LR * torch.stack(releases).sum(0), rtol=1e-4, atol=1e-7)  # post-processing
     variance = LR**2 * sum(float(law.sigma2_iso) for law in laws)
     on_update = float(psnr(local_update_attack(model, update, input_shape=SHAPE, labels=y, steps=STEPS, lr=LR,
                                                noise_variance=variance, iterations=400, seed=seed).reconstruction, x))
-    on_releases = float(psnr(multi_release_gradient_attack(models, inner.seen, noise=laws, input_shape=SHAPE,
+    on_releases = float(psnr(multi_release_gradient_attack(models, releases, noise=laws, input_shape=SHAPE,
                                                            labels=y, iterations=500, seed=seed).reconstruction, x))
     assert on_update <= on_releases + 1.0, (on_update, on_releases)
     assert on_update <= undefended - 20.0, (on_update, undefended)

@@ -11,24 +11,19 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from invdefend.jacobian import batch_gradient_jacobian, batch_statistics, gradient_jacobian
+from invdefend.jacobian import (
+    batch_gradient_jacobian,
+    batch_statistics,
+    gradient_jacobian,
+)
+from invdefend.models import TextTransformer
 
 V, T, D, C = 30, 5, 8, 3
 
 
-class TokenClassifier(nn.Module):
-    """Token ids -> embedding + learned positions -> stock TransformerEncoder -> mean pool -> classes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(V, D)
-        self.pos = nn.Parameter(0.1 * torch.randn(T, D))
-        layer = nn.TransformerEncoderLayer(D, 2, 16, dropout=0.1, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
-        self.head = nn.Linear(D, C)
-
-    def forward(self, ids: Tensor) -> Tensor:
-        return self.head(self.encoder(self.embed(ids) + self.pos).mean(1))
+def token_classifier() -> nn.Module:
+    """Token ids -> embedding + learned positions -> stock TransformerEncoder (1 layer) -> mean pool -> classes."""
+    return TextTransformer(vocab=V, seq_len=T, num_classes=C, dim=D, depth=1, heads=2, mlp=16, dropout=0.1)
 
 
 def _flat_grads(model: nn.Module) -> Tensor:
@@ -37,7 +32,7 @@ def _flat_grads(model: nn.Module) -> Tensor:
 
 def test_token_path_value_is_the_whole_per_sample_gradient_table_included():
     torch.manual_seed(0)
-    model, loss = TokenClassifier().double(), nn.CrossEntropyLoss()
+    model, loss = token_classifier().double(), nn.CrossEntropyLoss()
     model.eval()
     ids, y = torch.randint(0, V, (3, T)), torch.tensor([0, 2, 1])
     op = gradient_jacobian(model, loss, ids, y, embedding_module="embed")
@@ -53,7 +48,7 @@ def test_token_path_value_is_the_whole_per_sample_gradient_table_included():
 def test_token_path_jacobian_matches_finite_differences_through_stock_attention():
     """The default SDPA kernel has no forward AD; the estimator selects the math kernel itself."""
     torch.manual_seed(1)
-    model, loss = TokenClassifier().double(), nn.CrossEntropyLoss()
+    model, loss = token_classifier().double(), nn.CrossEntropyLoss()
     ids, y = torch.randint(0, V, (2, T)), torch.tensor([1, 0])
     op = gradient_jacobian(model, loss, ids, y, embedding_module=model.embed)
     emb = op.inputs
@@ -85,7 +80,7 @@ def test_the_users_attention_backend_is_restored():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     torch.manual_seed(2)
-    model, loss = TokenClassifier(), nn.CrossEntropyLoss()
+    model, loss = token_classifier(), nn.CrossEntropyLoss()
     ids, y = torch.randint(0, V, (2, T)), torch.tensor([1, 0])
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         flash_before = torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()
@@ -94,7 +89,7 @@ def test_the_users_attention_backend_is_restored():
 
 
 def test_embedding_module_errors_name_what_exists():
-    model, loss = TokenClassifier(), nn.CrossEntropyLoss()
+    model, loss = token_classifier(), nn.CrossEntropyLoss()
     ids, y = torch.randint(0, V, (2, T)), torch.tensor([1, 0])
     with pytest.raises(ValueError, match=r"no submodule 'embedding'.*\['embed'\]"):
         gradient_jacobian(model, loss, ids, y, embedding_module="embedding")

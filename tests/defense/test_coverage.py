@@ -8,41 +8,24 @@ import warnings
 
 import pytest
 import torch
+from recording import RecordingSGD
 from torch import Tensor, nn
 
 from invdefend import DefenseError, GradientDefense
-from invdefend.jacobian import batch_gradient_jacobian, batch_statistics, gradient_jacobian
+from invdefend.jacobian import (
+    batch_gradient_jacobian,
+    batch_statistics,
+    gradient_jacobian,
+)
+from invdefend.models import TextTransformer
 from invdefend.spectral import exact_spectrum
 
 V, T, D, C = 60, 6, 8, 3
 
 
-class TokenClassifier(nn.Module):
-    """Token ids -> embedding + learned positions -> stock TransformerEncoder (2 layers) -> classes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(V, D)
-        self.pos = nn.Parameter(0.1 * torch.randn(T, D))
-        layer = nn.TransformerEncoderLayer(D, 2, 16, dropout=0.1, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.head = nn.Linear(D, C)
-
-    def forward(self, ids: Tensor) -> Tensor:
-        return self.head(self.encoder(self.embed(ids) + self.pos).mean(1))
-
-
-class Recorder(torch.optim.SGD):
-    """SGD that keeps, at every step, the gradients it was handed (what leaves the client)."""
-
-    def __init__(self, params, lr: float = 0.05) -> None:
-        super().__init__(params, lr=lr)
-        self.seen: list[list[Tensor | None]] = []
-
-    def step(self, closure=None):  # type: ignore[override]
-        self.seen.append([None if p.grad is None else p.grad.detach().clone()
-                          for g in self.param_groups for p in g["params"]])
-        return super().step(closure)
+def token_classifier() -> nn.Module:
+    """Token ids -> embedding + learned positions -> stock TransformerEncoder (2 layers) -> mean pool -> classes."""
+    return TextTransformer(vocab=V, seq_len=T, num_classes=C, dim=D, depth=2, heads=2, mlp=16, dropout=0.1)
 
 
 def _token_batch(gen: torch.Generator, B: int = 8) -> tuple[Tensor, Tensor]:
@@ -53,9 +36,9 @@ def _token_batch(gen: torch.Generator, B: int = 8) -> tuple[Tensor, Tensor]:
 def test_a_stock_transformer_on_token_ids_trains_with_no_fallback_and_every_gradient_noised():
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
-    model, loss = TokenClassifier(), nn.CrossEntropyLoss()
+    model, loss = token_classifier(), nn.CrossEntropyLoss()
     defense = GradientDefense(model, loss, embedding_module="embed", budget=0.05, refresh_every=3, seed=0)
-    inner = Recorder(model.parameters())
+    inner = RecordingSGD(model.parameters())
     opt = defense.wrap(inner)
     params = list(model.parameters())
     at = next(i for i, p in enumerate(params) if p is model.embed.weight)
@@ -94,7 +77,7 @@ def test_the_old_advice_embedded_inputs_and_the_rest_as_model_is_refused():
     raw gradient: the step refuses and names the fix."""
     torch.manual_seed(1)
     gen = torch.Generator().manual_seed(1)
-    model, loss = TokenClassifier(), nn.CrossEntropyLoss()
+    model, loss = token_classifier(), nn.CrossEntropyLoss()
 
     class Rest(nn.Module):
         def __init__(self) -> None:
@@ -151,7 +134,7 @@ def test_monitor_mode_is_not_refused_and_adds_nothing():
 
 def test_a_token_path_without_floor_is_refused_before_anything_is_released():
     torch.manual_seed(4)
-    model, loss = TokenClassifier(), nn.CrossEntropyLoss()
+    model, loss = token_classifier(), nn.CrossEntropyLoss()
     defense = GradientDefense(model, loss, embedding_module="embed", floor=0.0, budget=0.05)
     opt = defense.wrap(torch.optim.SGD(model.parameters(), lr=0.1))
     ids, y = _token_batch(torch.Generator().manual_seed(4))
