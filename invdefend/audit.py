@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor, nn
@@ -433,8 +433,12 @@ def plot_grid(report: AuditReport, path: str | Path) -> Path:
     return path
 
 
-def plot_scatter(report: AuditReport, path: str | Path) -> Path:
-    """PNG scatter of InvRE's predicted PSNR against the strongest attack's PSNR, one colour per defense."""
+def plot_scatter(report: AuditReport, path: str | Path | BinaryIO) -> Path | BinaryIO:
+    """PNG scatter of InvRE's predicted PSNR against the strongest attack's PSNR, one colour per defense.
+
+    ``path`` is a file path (returned as a :class:`~pathlib.Path`) or a writable binary buffer such as
+    :class:`io.BytesIO` (the PNG is written into it and the buffer returned).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -457,10 +461,10 @@ def plot_scatter(report: AuditReport, path: str | Path) -> Path:
     ax.set_ylabel(f"strongest attack PSNR (dB{note})")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
+    target = path if hasattr(path, "write") else Path(path)
+    fig.savefig(target, dpi=100, format=None if isinstance(target, Path) else "png")
     plt.close(fig)
-    return path
+    return target
 
 
 def save_audit(report: AuditReport, out_dir: str | Path) -> dict[str, Path]:

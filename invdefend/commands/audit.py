@@ -44,6 +44,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=200, help="iterations of every attack (default: 200)")
     p.add_argument("--seed", type=int, default=0, help="seeds the model factory, the data draw, attacks and noise")
     p.add_argument("--out", default="invdefend-audit", help="output directory (default: invdefend-audit)")
+    p.add_argument("--html", metavar="PATH", default=None,
+                   help="also write a self-contained HTML report (settings, threat model, images, scatter, "
+                        "per-sample table) to PATH")
     return p
 
 
@@ -74,4 +77,8 @@ def run(args: argparse.Namespace) -> int:
     print(format_summary(report.summary()))
     files = save_audit(report, Path(args.out))
     print("written: " + ", ".join(str(p) for p in files.values()))
+    if args.html:
+        from ..report import write_html_report
+
+        print(f"HTML report: {write_html_report(report, args.html)}")
     return 0
