@@ -17,6 +17,12 @@ opens on a log directory), writes it under the stable tag namespace::
     invdefend/<kind>/fallback                                   1 on a fail-closed step, else 0
     invdefend/<kind>/budget/relative_energy_target              the budget in force
     invdefend/<kind>/risk/target_reached                        target mode: 1 if every probe reached it
+    invdefend/<kind>/probe/reconstruction                       image: a probe | its reconstruction by a
+                                                                fast attack (``reconstruct_probe``, refreshes)
+    invdefend/<kind>/probe/attack_{psnr,ssim,seconds}           that reconstruction's PSNR, SSIM, wall time
+
+and once, in the same run directory (no sub-run), the defense's settings as TensorBoard hparams
+(:meth:`RiskMonitor.write_hparams`) with some of the tags above as their metrics.
 
 ``<kind>`` is ``gradient`` or ``embedding``; with ``prefix="client3"`` tags read ``invdefend/client3/<kind>/...``.
 Risk and estimator tags are written when the spectrum was (re-)estimated; ``noise/relative_energy`` every
@@ -27,20 +33,29 @@ of logging to one scalar in steady state.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from .stats import finite_stats
 
-__all__ = ["ReleaseRecord", "RiskMonitor", "TAG_PREFIX", "format_refreshes", "record_scalars", "logger"]
+__all__ = [
+    "TAG_PREFIX", "HParam", "ReleaseRecord", "RiskMonitor", "format_refreshes", "hparam_values", "logger",
+    "probe_image", "record_scalars",
+]
 
 TAG_PREFIX = "invdefend"
 logger = logging.getLogger("invdefend")
+HParam = str | int | float | bool
+#: Probe images are upscaled (nearest neighbour, by a whole factor) until their longer side reaches this.
+PROBE_IMAGE_SIDE = 64
 
 
 @dataclass
@@ -139,6 +154,47 @@ def record_scalars(record: ReleaseRecord, tag: Callable[[str, str], str]) -> dic
             out[tag(kind, f"risk/{name}_max")] = max(finite)
             out[tag(kind, f"risk/{name}_mean")] = sum(finite) / len(finite)
     return out
+
+
+def hparam_values(settings: Any, **resolved: Any) -> dict[str, HParam]:
+    """``settings`` (a dataclass such as :class:`~invdefend.defense.DefenseSettings`, or a mapping) with
+    ``resolved`` values on top, keeping only what TensorBoard hparams can hold: ``str``, ``int``, ``float`` and
+    ``bool`` (``None``, tensors, priors and dicts are left out)."""
+    if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
+        values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+    else:
+        values = dict(settings)
+    values.update(resolved)
+    return {k: v for k, v in values.items() if isinstance(v, (str, int, float, bool))}
+
+
+def _as_image(sample: Tensor) -> Tensor:
+    """One sample as a ``(C, H, W)`` float image with C in (1, 3): ``(H, W)`` gets one channel, other channel
+    counts (and more dimensions) are stacked vertically, a flat vector is laid out on the smallest square."""
+    t = sample.detach().to("cpu", torch.float32)
+    if t.dim() == 1:
+        side = math.isqrt(max(t.numel() - 1, 0)) + 1
+        return torch.cat([t, t.new_zeros(side * side - t.numel())]).reshape(1, side, side)
+    if t.dim() == 2:
+        return t.unsqueeze(0)
+    if t.dim() == 3 and t.shape[0] in (1, 3):
+        return t
+    return t.reshape(1, -1, t.shape[-1])
+
+
+def probe_image(original: Tensor, reconstruction: Tensor, *, min_side: int = PROBE_IMAGE_SIDE) -> Tensor:
+    """``original | reconstruction`` side by side as one ``(C, H, W)`` image in ``[0, 1]`` (C = 1 or 3), with a
+    white separator, upscaled by nearest neighbour (a whole factor) until one sample's longer side reaches
+    ``min_side``. Each input is one sample without a batch dimension, ``(C, H, W)``, ``(H, W)`` or flat
+    ``(d,)`` (laid out on a square), in ``[0, 1]`` (values outside are clipped)."""
+    a, b = _as_image(original), _as_image(reconstruction)
+    if a.shape != b.shape:
+        raise ValueError(f"invdefend.probe_image: original {tuple(a.shape)} and reconstruction {tuple(b.shape)} "
+                         "differ in shape")
+    factor = max(1, -(-int(min_side) // max(a.shape[1], a.shape[2])))
+    gap = a.new_ones(a.shape[0], a.shape[1], 1)
+    image = torch.cat([a, gap, b], dim=2).clamp(0.0, 1.0)
+    return image.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
 
 
 class RiskMonitor:
@@ -278,6 +334,44 @@ class RiskMonitor:
         sv = [v for v in r.singular_values if v > 0 and math.isfinite(v)]
         if sv:
             w.add_histogram(self.tag(k, "spectrum/log10_singular_values"), np.log10(np.asarray(sv)), step)
+
+    def write_probe_image(self, kind: str, step: int, original: Tensor, reconstruction: Tensor, psnr: float,
+                          ssim: float, seconds: float | None = None) -> None:
+        """Write a probe and its reconstruction side by side (:func:`probe_image`; one sample each, no batch
+        dimension, values in ``[0, 1]``) as the image ``probe/reconstruction``, and the scalars
+        ``probe/attack_psnr``, ``probe/attack_ssim`` and (given) ``probe/attack_seconds``, at ``step``. No-op
+        without a writer; a writer without ``add_image`` gets the scalars only."""
+        w = self.writer
+        if w is None:
+            return
+        if hasattr(w, "add_image"):
+            w.add_image(self.tag(kind, "probe/reconstruction"), probe_image(original, reconstruction), step,
+                        dataformats="CHW")
+        w.add_scalar(self.tag(kind, "probe/attack_psnr"), float(psnr), step)
+        w.add_scalar(self.tag(kind, "probe/attack_ssim"), float(ssim), step)
+        if seconds is not None:
+            w.add_scalar(self.tag(kind, "probe/attack_seconds"), float(seconds), step)
+
+    def write_hparams(self, kind: str, settings: Mapping[str, Any], metrics: Iterable[str]) -> bool:
+        """Write ``settings`` as TensorBoard hparams into this writer's own run directory (not the sub-run
+        ``SummaryWriter.add_hparams`` makes), with ``metrics`` (names under ``kind``, e.g.
+        ``"risk/predicted_psnr_max"``, tagged by :meth:`tag`) as the metrics the hparams dashboard shows.
+
+        Values that are not ``str``/``int``/``float``/``bool`` are left out (:func:`hparam_values`); bools are
+        stored as numbers 0/1. Returns whether anything was written: False without a writer, or with one that
+        has no ``file_writer`` (not a ``torch.utils.tensorboard.SummaryWriter``). One run holds one hparams
+        session: a later call in the same run replaces what TensorBoard shows.
+        """
+        file_writer = getattr(self.writer, "file_writer", None)
+        if file_writer is None:
+            return False
+        from torch.utils.tensorboard.summary import hparams
+
+        values = hparam_values(settings)
+        metric_tags = {self.tag(kind, name): 0.0 for name in metrics}  # declares the tags; writes no values
+        for summary in hparams(values, metric_tags):
+            file_writer.add_summary(summary)
+        return True
 
     def flush(self) -> None:
         """Flush the writer."""

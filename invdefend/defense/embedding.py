@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..jacobian import embedding_jacobian
-from ..monitor import ReleaseRecord, RiskMonitor
+from ..monitor import HParam, ReleaseRecord, RiskMonitor, hparam_values
 from ..noise import NoiseSource, shaped_noise
 from ..noise_law import NoiseCovariance
 from ..placements import NoisePlan, Placement, PlanContext
@@ -86,6 +86,7 @@ class EmbeddingDefense(SettingsAccess):
         self._laws: list[NoiseCovariance] | None = None
         self._handle: torch.utils.hooks.RemovableHandle | None = None
         self._busy = False
+        self._hparams_written = False
 
     @property
     def mechanism(self) -> str:
@@ -97,6 +98,13 @@ class EmbeddingDefense(SettingsAccess):
         sample (its own basis and variances; None for a sample that got no noise, and None for the batch
         before any batch or when no noise was added). A fallback batch's laws are isotropic."""
         return self._laws
+
+    def hparams(self) -> dict[str, HParam]:
+        """The settings as TensorBoard hparams (``str``/``int``/``float``/``bool`` only), with the placement,
+        the resolved ``floor`` and the prior's kind (``"iid"``, ``"data"``, ``"online"``)."""
+        return hparam_values(self.settings, kind=self.kind, mechanism=self.mechanism,
+                             placement=type(self.placement).__name__, floor=self.settings.energy_split(self.kind)[1],
+                             prior=self.prior_source.label.split(" ")[0])
 
     # -- capture (the hook) -------------------------------------------------------------------------------
     def attach(self) -> "EmbeddingDefense":
@@ -229,6 +237,9 @@ class EmbeddingDefense(SettingsAccess):
         )
         self.last_record = record
         self.prior_source.observe(inputs)  # after pricing: a batch never prices itself
+        if not self._hparams_written:
+            self._hparams_written = True
+            self.monitor.write_hparams(self.kind, self.hparams(), ["risk/predicted_psnr_max", "noise/relative_energy"])
         self.monitor.emit(record)
         self.step += 1
         return embeddings + delta.view_as(embeddings).to(embeddings.dtype)

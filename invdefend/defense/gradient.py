@@ -72,11 +72,13 @@ from ..jacobian import (
     trainable_parameters,
     training_batch_norms,
 )
-from ..monitor import ReleaseRecord, RiskMonitor
+from ..monitor import HParam, ReleaseRecord, RiskMonitor, hparam_values, logger
 from ..noise import NoiseSource
 from ..noise_law import NoiseLaw
 from ..placements import NoisePlan, Placement, PlanContext
 from ..placements.base import gaussian_law
+from ..prior import GaussianPrior
+from ..probe_reconstruction import ProbeReconstruction, reconstruct_probe
 from ..risk import invloss_by_group, predicted_psnr
 from ..spectral import Spectrum, SpectrumTracker, check_estimate
 from ..whitened import WhitenedOperator
@@ -149,7 +151,9 @@ class GradientDefense(SettingsAccess):
     registered placement), ``target_psnr``/``max_budget`` (target mode), ``k`` and ``probes`` (the estimate),
     ``refresh_every`` (steps between estimates; a refresh costs about 20 plain batch-32 LeNet steps, so the
     default 100 keeps the amortised cost near 1.3x a plain step), ``fallback_budget`` (default
-    ``max(10·budget, 0.1)``), ``seed``/``secure_rng`` (the noise source; ``seed`` also seeds the probe choice).
+    ``max(10·budget, 0.1)``), ``seed``/``secure_rng`` (the noise source; ``seed`` also seeds the probe choice),
+    ``reconstruct_probe`` (off by default: attack iterations of a diagnostic reconstruction of one probe at every
+    refresh, written to the monitor as an image; about 0.1-1 s per refresh on small models).
     See :class:`~invdefend.defense.DefenseSettings` for all of them.
     """
 
@@ -171,6 +175,11 @@ class GradientDefense(SettingsAccess):
         **overrides: Any,
     ) -> None:
         parts = pipeline_parts("GradientDefense", self.kind, settings, overrides, placement, generator)
+        if parts.settings.reconstruct_probe and embedding_module is not None:
+            raise ValueError(
+                "invdefend.GradientDefense: reconstruct_probe needs floating-point inputs to reconstruct; token ids "
+                "(embedding_module) cannot be attacked by gradient matching, leave reconstruct_probe=0"
+            )
         trainable_parameters(model)  # all frozen: nothing is shared, refuse now
         check_model("GradientDefense", model)  # half precision: refuse now, not at every step
         self.settings = s = parts.settings
@@ -208,6 +217,8 @@ class GradientDefense(SettingsAccess):
         self._busy = False
         self._warned_bn = False
         self._estimate_prior: Any = None  # the prior the spectrum in force was whitened with
+        self._probe_index: int | None = None  # the first probe of the last probe operator (reconstruct_probe)
+        self._hparams_written = False
         if capture:
             self.attach()
 
@@ -400,6 +411,7 @@ class GradientDefense(SettingsAccess):
         forwards the operator's products run (they are not the user's batch)."""
         n = int(inputs.shape[0])
         idx = torch.randperm(n, generator=self.probe_generator)[: min(self.probes, n)]
+        self._probe_index = int(idx[0]) if idx.numel() else None
         coupled = self.mode == "eval" and bool(training_batch_norms(self.model))
         exact = coupled and self.batch_norm == "batch" and self.embedding_module is None
         if coupled and not exact and self.batch_norm != "frozen" and not self._warned_bn:
@@ -634,10 +646,48 @@ class GradientDefense(SettingsAccess):
             **fields,
         )
         self.last_record = record
+        probe = self._reconstruct_probe(inputs, targets) if refreshed and self.reconstruct_probe else None
+        if probe is not None:
+            record.extra["probe_attack"] = {"psnr": probe.psnr, "ssim": probe.ssim, "seconds": probe.seconds,
+                                            "attack": probe.attack}
         self.prior_source.observe(self._points(inputs))  # after pricing: a batch never prices itself
+        if not self._hparams_written:
+            self._hparams_written = True
+            metrics = ["risk/predicted_psnr_max", "risk/undefended_predicted_psnr_max", "noise/relative_energy"]
+            self.monitor.write_hparams(self.kind, self.hparams(),
+                                       metrics + (["probe/attack_psnr"] if self.reconstruct_probe else []))
         self.monitor.emit(record)
+        if probe is not None:
+            self.monitor.write_probe_image(self.kind, record.step, probe.original[0], probe.reconstruction[0],
+                                           probe.psnr, probe.ssim, probe.seconds)
         self.step += 1
         return record
+
+    def hparams(self) -> dict[str, HParam]:
+        """The settings as TensorBoard hparams (``str``/``int``/``float``/``bool`` only), with the placement,
+        the resolved ``floor`` and the prior's kind (``"iid"``, ``"data"``, ``"online"``)."""
+        return hparam_values(self.settings, kind=self.kind, mechanism=self.mechanism,
+                             placement=type(self.placement).__name__, floor=self.settings.energy_split(self.kind)[1],
+                             prior=self.prior_source.label.split(" ")[0])
+
+    def _reconstruct_probe(self, inputs: Tensor, targets: Tensor) -> ProbeReconstruction | None:
+        """The ``reconstruct_probe`` diagnostic at a refresh: a probe of this batch released alone under the law
+        in force, attacked. Never raises (a failure logs a warning: the release is not affected)."""
+        i = self._probe_index if self._probe_index is not None and self._probe_index < len(inputs) else 0
+        prior = self._estimate_prior if isinstance(self._estimate_prior, GaussianPrior) else None
+        self._busy = True  # the attack's forwards are not the user's batch: the capture hooks ignore them
+        try:
+            return reconstruct_probe(
+                self.model, self.loss_fn, inputs[i : i + 1], targets[i : i + 1], self.noise_law(),
+                iterations=int(self.reconstruct_probe), law_energy=self._energy_last, prior=prior, mode=self.mode,
+                data_range=float(self.dynamic_range), seed=(0 if self.seed is None else int(self.seed)) + self.step,
+            )
+        except Exception as exc:  # noqa: BLE001 -- a diagnostic: never break (or unprotect) the step
+            logger.warning("invdefend.GradientDefense step %d: the probe reconstruction failed (%s: %s); no image "
+                           "written, the release is unaffected", self.step, type(exc).__name__, exc)
+            return None
+        finally:
+            self._busy = False
 
     def _draw_operator(self, buf: Tensor, inputs: Tensor, targets: Tensor, energy: float) -> dict[str, list[float]]:
         """Write the placement's operator noise, of energy exactly ``energy``, into ``buf``; returns its
