@@ -206,3 +206,16 @@ def tiny_problem():
     from tiny_problems import make_problem
 
     return make_problem(seed=2, batch=3)
+
+
+def test_setup_cfg_lists_every_package_of_the_library() -> None:
+    """A regular (non-editable) install ships only the packages setup.cfg lists: a package missing there
+    imports from a source checkout but breaks ``import invdefend`` from a wheel."""
+    import configparser
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = configparser.ConfigParser()
+    cfg.read(root / "setup.cfg")
+    listed = {line.strip() for line in cfg["options"]["packages"].splitlines() if line.strip()}
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "invdefend").rglob("__init__.py")}
+    assert found - listed == set(), f"add {sorted(found - listed)} to [options] packages in setup.cfg"
