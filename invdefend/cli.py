@@ -12,6 +12,7 @@ import os
 import sys
 
 from ._version import __version__
+from .commands.errors import UsageError
 
 __all__ = ["main", "build_parser", "default_threads", "COMMANDS"]
 
@@ -31,7 +32,8 @@ def default_threads() -> int:
             value = 0
         if value >= 1:
             return value
-        raise SystemExit(f"invdefend: INVDEFEND_THREADS={env!r} must be a positive integer")
+        raise UsageError(f"INVDEFEND_THREADS={env!r} must be a positive integer; set e.g. INVDEFEND_THREADS=2, "
+                         "or unset it")
     return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
@@ -65,16 +67,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``invdefend`` console script; returns the exit status."""
+    """Entry point of the ``invdefend`` console script; returns the exit status: 0, or 2 for a usage error
+    (argparse's, or a :class:`~invdefend.commands.errors.UsageError` a command raised, printed as one line
+    ``invdefend <command>: <message>`` on stderr without a traceback)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "run_command", None) is None:
         parser.print_help()
         return 2
+    try:
+        return _run(args)
+    except UsageError as exc:
+        print(f"invdefend {args.command}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the chosen command with the torch threads asked for, restoring torch's setting after."""
     import torch
 
+    threads = args.torch_threads or default_threads()
     previous = torch.get_num_threads()
-    torch.set_num_threads(args.torch_threads or default_threads())
+    torch.set_num_threads(threads)
     try:
         return int(args.run_command(args) or 0)
     finally:

@@ -346,14 +346,17 @@ class JacobianOperator:
         with self._context():
             where = _locate_failure(getattr(self, "module", None), thunk)
         first_line = (str(exc).splitlines() or [""])[0][:300].rstrip(".")
+        # BatchNorm advice only where a BatchNorm layer failed (or one may have, after the forward pass).
+        batch_norm = "a layer that needs a whole batch (BatchNorm in train mode) needs mode='eval'; " \
+            if "BatchNorm" in where else ""
         return JacobianError(
             f"invdefend.{self.name}: the model cannot be evaluated or differentiated one sample at a time"
             f"{' ' + where if where else ''} (sample shape {self.sample_shape}"
             f"{', target shape ' + str(tuple(self.extra[0].shape[1:])) if self.extra else ''}): "
             f"{type(exc).__name__}: {first_line}. Check that inputs and targets are shaped as in training; "
-            "a layer that needs a whole batch (BatchNorm in train mode) needs mode='eval'; a layer without "
-            "forward-mode or second-order autograd cannot be assessed on the gradient: assess the embedding "
-            "it receives instead (target='embedding' on the layers below it), or replace the layer"
+            f"{batch_norm}a layer without forward-mode or second-order autograd cannot be assessed on the "
+            "gradient: assess the embedding it receives instead (target='embedding' on the layers below it), "
+            "or replace the layer"
         )
 
     def _check_block(self, block: Tensor, rows: int, what: str) -> None:

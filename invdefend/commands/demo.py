@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .errors import choose_from, require_at_least
+
 __all__ = ["add_parser", "run"]
 
 
@@ -25,7 +27,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=d.out, help=f"output directory for TensorBoard runs and the PNG (default: {d.out})")
     p.add_argument("--epochs", type=int, default=None, help=f"training epochs (default: {d.epochs}; --quick: 4)")
-    p.add_argument("--quick", action="store_true", help="4 epochs (a smoke run; accuracy a little lower)")
+    p.add_argument("--quick", action="store_true", help="4 epochs (a smoke run; accuracy a little lower) (default: off)")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of weights, batch order, probes, noise (default {d.seed})")
     p.add_argument("--budget", type=float, default=d.budget,
                    help=f"noise energy relative to the mean gradient's (default {d.budget})")
@@ -42,11 +44,10 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo; returns 0."""
     from ..demo import DemoConfig, RUN_NAMES, run_demo
 
+    require_at_least(args.budget, "--budget", 0.0, meaning="noise energy relative to the mean gradient's",
+                     example=str(DemoConfig.budget))
     names = {v: k for k, v in RUN_NAMES.items()}
-    wanted = [r.strip() for r in args.runs.split(",") if r.strip()]
-    unknown = [r for r in wanted if r not in names]
-    if unknown or not wanted:
-        raise SystemExit(f"invdefend demo: --runs {args.runs!r}: unknown run(s) {unknown}; choose among {', '.join(names)}")
+    wanted = choose_from((r.strip() for r in args.runs.split(",") if r.strip()), names, "--runs", args.runs)
     epochs = args.epochs if args.epochs is not None else (4 if args.quick else DemoConfig.epochs)
     config = DemoConfig(
         out=args.out, epochs=epochs, seed=args.seed, budget=args.budget, k=args.k, refresh_every=args.refresh_every,

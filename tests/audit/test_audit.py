@@ -177,5 +177,5 @@ def test_cli_audit_band_pass_with_floor(tmp_path: Path, capsys: pytest.CaptureFi
     data = json.loads((out / "audit.json").read_text())
     assert data["settings"]["defenses"] == ["none", "band_pass"] and data["settings"]["floor"] == 0.025
     assert "aware" in data["samples"][-1]["attacked_psnr"]
-    with pytest.raises(SystemExit, match="floor"):
-        main([*args, "--floor", "-1"])
+    assert main([*args, "--floor", "-1"]) == 2  # refused before the model is built, one line on stderr
+    assert "--floor must be a finite number >= 0" in capsys.readouterr().err
