@@ -22,7 +22,7 @@ from torch import nn
 
 from invdefend import GradientDefense
 from invdefend.data import digits_split
-from invdefend.demo import digits_cnn
+from invdefend.models import digits_cnn
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import copy
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -32,6 +32,7 @@ from .defense import GradientDefense
 from .jacobian import gradient_jacobian
 from .metrics import psnr, ssim
 from .noise_law import BandPassLaw, NoiseCovariance
+from .prior import GaussianPrior
 from .risk import DEFAULT_RHO, NoiseModel, invloss, predicted_psnr
 from .spectral import exact_spectrum
 from .stats import pearson, spearman  # re-exported for compatibility; they live in invdefend.stats
@@ -39,6 +40,7 @@ from .stats import pearson, spearman  # re-exported for compatibility; they live
 __all__ = [
     "ATTACKS",
     "DEFENSES",
+    "SELECT_BY",
     "SampleAudit",
     "AuditReport",
     "released_gradient",
@@ -47,13 +49,19 @@ __all__ = [
     "format_summary",
     "save_audit",
     "plot_grid",
+    "image_array",
     "plot_scatter",
     "spearman",
     "pearson",
 ]
 
-#: Attacks :func:`audit` knows, by the name ``--attacks`` uses.
-ATTACKS: tuple[str, ...] = ("dlg", "ig", "idlg", "aware")
+#: Attacks :func:`audit` knows, by the name ``--attacks`` uses. ``"prior"`` and ``"class_prior"`` are the
+#: defense-aware MAP attack with a fitted Gaussian image prior (:class:`~invdefend.prior.GaussianPrior`): one
+#: prior for every sample, or one per label (the attacker reads the label off the gradient, iDLG); like
+#: ``"aware"`` they run only where a defense adds noise.
+ATTACKS: tuple[str, ...] = ("dlg", "ig", "idlg", "aware", "prior", "class_prior")
+#: What picks a sample's strongest attack: the highest PSNR, or the highest SSIM.
+SELECT_BY: tuple[str, ...] = ("psnr", "ssim")
 #: Defenses :func:`audit` can put on the release.
 DEFENSES: tuple[str, ...] = ("none", "spectral", "isotropic", "band_pass")
 
@@ -237,6 +245,9 @@ def _run_attack(
     cov: Any,
     iterations: int,
     seed: int,
+    prior: GaussianPrior | None = None,
+    class_priors: Mapping[int, GaussianPrior] | None = None,
+    restarts: int = 1,
 ) -> Tensor | None:
     shape = tuple(x.shape)
     if name == "dlg":
@@ -246,7 +257,8 @@ def _run_attack(
     if name == "ig":
         tv = 1e-4 if x.shape[-1] <= 16 else 1e-2
         return attacks.inverting_gradients(
-            model, g, input_shape=shape, labels=y, loss_fn=loss_fn, iterations=iterations, tv_weight=tv, seed=seed
+            model, g, input_shape=shape, labels=y, loss_fn=loss_fn, iterations=iterations, tv_weight=tv, seed=seed,
+            restarts=restarts,
         ).reconstruction
     if name == "idlg":
         return attacks.idlg_attack(
@@ -257,6 +269,20 @@ def _run_attack(
             return None  # no noise: the defense-aware attack is DLG with a prior, nothing to add
         return attacks.defense_aware_gradient_attack(
             model, g, noise=cov, input_shape=shape, labels=y, loss_fn=loss_fn, iterations=iterations, seed=seed
+        ).reconstruction
+    if name in ("prior", "class_prior"):
+        if cov is None:
+            return None  # undefended: DLG / Inverting Gradients already match the exact gradient
+        chosen = prior if name == "prior" else (class_priors or {}).get(int(y[0]))
+        if chosen is None:
+            raise ValueError(
+                f"invdefend.audit: attack {name!r} needs "
+                + ("prior=" if name == "prior" else f"class_priors= holding label {int(y[0])}")
+                + " (a GaussianPrior fitted on auxiliary data, never the audited samples)"
+            )
+        return attacks.defense_aware_gradient_attack(
+            model, g, noise=cov, input_shape=shape, labels=y, loss_fn=loss_fn, iterations=iterations,
+            prior=chosen, seed=seed,
         ).reconstruction
     raise ValueError(f"invdefend.audit: unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
 
@@ -276,6 +302,10 @@ def audit(
     k: int = 8,
     floor: float | None = None,
     progress: Callable[[str], None] | None = None,
+    prior: GaussianPrior | None = None,
+    class_priors: Mapping[int, GaussianPrior] | None = None,
+    select_by: str = "psnr",
+    restarts: int = 1,
 ) -> AuditReport:
     """Attack every sample's shared gradient (batch of one) under each defense and compare with InvRE.
 
@@ -296,6 +326,11 @@ def audit(
         seed: seed of the attacks' random starts and of the defense's noise.
         k: singular triplets the defense estimates.
         progress: called with a line of text after every attacked sample.
+        prior, class_priors: the image prior of the ``"prior"`` attack, and the per-label priors of the
+            ``"class_prior"`` attack (fitted on auxiliary data, never on the audited samples).
+        select_by: ``"psnr"`` (default) or ``"ssim"``: the metric that picks each sample's strongest attack
+            (its ``best_attack``, ``best_psnr`` and kept reconstruction).
+        restarts: random starts of Inverting Gradients (the best match is kept); >= 1.
     """
 
     if inputs.dim() < 2 or len(inputs) != len(targets):
@@ -310,6 +345,10 @@ def audit(
             f"defenses from {DEFENSES}"
         )
     _check_floor(floor)
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
+        raise ValueError(f"invdefend.audit: restarts={restarts!r} must be an integer >= 1")
+    if select_by not in SELECT_BY:
+        raise ValueError(f"invdefend.audit: select_by={select_by!r}; choose one of {', '.join(SELECT_BY)}")
     t0 = time.perf_counter()
     samples: list[SampleAudit] = []
     recs: dict[str, list[Tensor]] = {}
@@ -321,26 +360,25 @@ def audit(
             )
             scores: dict[str, float] = {}
             sims: dict[str, float] = {}
-            best_rec: Tensor | None = None
+            kept: dict[str, Tensor] = {}
             for a in attacks:
-                rec = _run_attack(a, model, g, x, y, loss_fn, cov, iterations, seed + i)
+                rec = _run_attack(a, model, g, x, y, loss_fn, cov, iterations, seed + i, prior, class_priors, restarts)
                 if rec is None:
                     continue
-                rec = rec.to(x.dtype).clamp(0, 1)
-                scores[a] = float(psnr(rec, x, max_db=cap_db)[0])
-                sims[a] = float(ssim(rec, x)[0]) if x.dim() == 4 else float("nan")
-                if best_rec is None or scores[a] >= max(scores.values()):
-                    best_rec = rec
-            best = max(scores, key=scores.get)
+                kept[a] = rec.to(x.dtype).clamp(0, 1)
+                scores[a] = float(psnr(kept[a], x, max_db=cap_db)[0])
+                sims[a] = float(ssim(kept[a], x)[0]) if x.dim() == 4 else float("nan")
+            rank = sims if select_by == "ssim" else scores
+            best = max(rank, key=lambda a: (rank[a] if math.isfinite(rank[a]) else -math.inf, scores[a]))
+            best_rec = kept[best]
             samples.append(SampleAudit(i, int(y[0]), d, min(predicted, cap_db), scores, sims, best, scores[best], rel))
-            assert best_rec is not None
             recs.setdefault(d, []).append(best_rec[0])
             if progress is not None:
                 progress(f"{d} sample {i}: predicted {predicted:.1f} dB, {best} {scores[best]:.1f} dB "
                          f"({time.perf_counter() - t0:.0f} s)")
     settings = {
         "attacks": list(attacks), "defenses": list(defenses), "budget": budget, "floor": floor,
-        "iterations": iterations,
+        "iterations": iterations, "select_by": select_by, "restarts": restarts,
         "cap_db": cap_db, "seed": seed, "n_samples": len(inputs), "input_shape": list(inputs.shape[1:]),
         "model": type(model).__name__, "seconds": round(time.perf_counter() - t0, 2),
     }
@@ -392,7 +430,9 @@ def format_summary(summary: dict[str, dict[str, float]]) -> str:
 # files
 
 
-def _image(t: Tensor) -> Any:
+def image_array(t: Tensor) -> Any:
+    """One image ``(C, H, W)`` or ``(H, W)`` as a numpy array matplotlib shows: ``(H, W)`` for one channel,
+    ``(H, W, 3)`` for RGB, clamped to [0, 1]."""
     img = t.detach().float().clamp(0, 1).cpu()
     if img.dim() == 3 and img.shape[0] in (1, 3):
         img = img.permute(1, 2, 0)
@@ -417,7 +457,7 @@ def plot_grid(report: AuditReport, path: str | Path) -> Path:
         for c in range(n):
             ax = axes[r][c]
             img = report.originals[c] if name == "original" else report.reconstructions[name][c]
-            ax.imshow(_image(img), cmap="gray", vmin=0, vmax=1)
+            ax.imshow(image_array(img), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             if name != "original":

@@ -8,7 +8,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["load_digits_tensors", "natural_image_patches", "digits_split", "PHOTOS", "load_photos", "photo_patches"]
+__all__ = [
+    "load_digits_tensors", "natural_image_patches", "digits_split", "PHOTOS", "load_photos", "photo_patches",
+    "FACE_LABELS", "load_faces", "face_folds",
+]
+
+#: Class names of :func:`load_faces`, by label.
+FACE_LABELS: tuple[str, ...] = ("face", "non-face")
 
 #: The RGB photographs shipped by scikit-learn (china, flower) and scikit-image (the rest), in class order.
 PHOTOS: tuple[str, ...] = (
@@ -38,6 +44,27 @@ def digits_split(
     n_test = int(round(test_fraction * len(x)))
     test, train = perm[:n_test], perm[n_test:]
     return x[train], y[train], x[test], y[test]
+
+
+def load_faces(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-image's ``lfw_subset``: 200 grayscale 25x25 crops, 100 faces from Labeled Faces in the Wild
+    (label 0) and 100 non-faces (label 1), as ``(200, 1, 25, 25)`` images in [0, 1] and ``(200,)`` labels."""
+    from skimage.data import lfw_subset
+
+    images = torch.tensor(np.asarray(lfw_subset(), dtype=np.float64), dtype=dtype).unsqueeze(1)
+    labels = torch.cat([torch.zeros(100, dtype=torch.long), torch.ones(100, dtype=torch.long)])
+    return images, labels
+
+
+def face_folds(folds: int = 5, seed: int = 0) -> list[torch.Tensor]:
+    """A seeded partition of :func:`load_faces`'s 200 indices into ``folds`` test folds of equal size, each
+    holding as many faces as non-faces (stratified), for cross-validated accuracy on so small a set."""
+    if folds < 2 or 100 % folds:
+        raise ValueError(f"invdefend.data.face_folds: folds={folds} must divide 100 and be >= 2 (e.g. 2, 4, 5)")
+    gen = torch.Generator().manual_seed(seed)
+    per_class = [torch.randperm(100, generator=gen) + 100 * label for label in (0, 1)]
+    parts = [torch.cat([c.reshape(folds, -1)[f] for c in per_class]) for f in range(folds)]
+    return [p[torch.randperm(len(p), generator=gen)] for p in parts]
 
 
 def natural_image_patches(

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from ._version import __version__
-from .audit import AuditReport, SampleAudit, _image, plot_scatter
+from .audit import AuditReport, SampleAudit, image_array, plot_scatter
 from .monitor import ReleaseRecord
 
 __all__ = ["DEFAULT_MARGIN_DB", "render_html_report", "write_html_report"]
@@ -278,7 +278,7 @@ def _tensor_uri(image: Tensor) -> str:
     import matplotlib.image
 
     buf = io.BytesIO()
-    matplotlib.image.imsave(buf, _image(image), cmap="gray", vmin=0.0, vmax=1.0, format="png")
+    matplotlib.image.imsave(buf, image_array(image), cmap="gray", vmin=0.0, vmax=1.0, format="png")
     return _png_uri(buf.getvalue())
 
 

@@ -179,3 +179,37 @@ def test_cli_audit_band_pass_with_floor(tmp_path: Path, capsys: pytest.CaptureFi
     assert "aware" in data["samples"][-1]["attacked_psnr"]
     assert main([*args, "--floor", "-1"]) == 2  # refused before the model is built, one line on stderr
     assert "--floor must be a finite number >= 0" in capsys.readouterr().err
+
+
+def test_prior_attacks_use_the_fitted_priors_and_select_by_ssim_keeps_the_most_similar() -> None:
+    from invdefend.prior import GaussianPrior
+
+    model, _, _ = _tiny()
+    images, labels = load_digits_tensors()
+    x, y = images[:2], labels[:2]
+    aux, aux_y = images[100:400], labels[100:400]  # the attacker's auxiliary data, never the audited samples
+    prior = GaussianPrior.fit(aux.double(), rank=16)
+    class_priors = {int(c): GaussianPrior.fit(aux[aux_y == c].double(), rank=8) for c in aux_y.unique()}
+    report = audit(model, F.cross_entropy, x, y, attacks=("dlg", "aware", "prior", "class_prior"),
+                   defenses=("none", "isotropic"), budget=1.0, iterations=20, prior=prior, class_priors=class_priors,
+                   select_by="ssim", restarts=2)
+    assert report.settings["select_by"] == "ssim" and report.settings["restarts"] == 2
+    for s in report.samples:
+        expected = {"dlg"} if s.defense == "none" else {"dlg", "aware", "prior", "class_prior"}
+        assert set(s.ssim) == expected  # prior attacks run only where there is noise to be aware of
+        assert s.ssim[s.best_attack] == max(s.ssim.values())
+        assert s.best_psnr == s.attacked_psnr[s.best_attack]
+    # The kept reconstruction is the selected attack's: its SSIM against the original is the recorded one.
+    from invdefend.metrics import ssim
+
+    noisy = [s for s in report.samples if s.defense == "isotropic"]
+    recs = report.reconstructions["isotropic"]
+    for s, rec in zip(noisy, recs):
+        assert float(ssim(rec[None], x[s.index : s.index + 1])[0]) == pytest.approx(s.ssim[s.best_attack], abs=1e-5)
+    with pytest.raises(ValueError, match="class_priors= holding label"):
+        audit(model, F.cross_entropy, x, y, attacks=("class_prior",), defenses=("isotropic",), iterations=5,
+              class_priors={99: prior})
+    with pytest.raises(ValueError, match="select_by"):
+        audit(model, F.cross_entropy, x, y, select_by="lpips")
+    with pytest.raises(ValueError, match="restarts"):
+        audit(model, F.cross_entropy, x, y, restarts=0)

@@ -404,7 +404,7 @@ def test_left_subspace_warm_start_beats_a_cold_start_on_new_probes() -> None:
     """New probes every refresh: starting from Jᵀ·U_prev (the previous probes' parameter-space directions)
     leaves a smaller estimator error after one sweep than a random start does, on the same batches."""
     from invdefend.data import digits_split
-    from invdefend.demo import digits_cnn
+    from invdefend.models import digits_cnn
 
     x, y, _, _ = digits_split(seed=0)
     torch.manual_seed(0)
