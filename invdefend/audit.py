@@ -374,7 +374,7 @@ def audit(
             samples.append(SampleAudit(i, int(y[0]), d, min(predicted, cap_db), scores, sims, best, scores[best], rel))
             recs.setdefault(d, []).append(best_rec[0])
             if progress is not None:
-                progress(f"{d} sample {i}: predicted {predicted:.1f} dB, {best} {scores[best]:.1f} dB "
+                progress(f"{d} sample {i}: predicted {min(predicted, cap_db):.1f} dB, {best} {scores[best]:.1f} dB "
                          f"({time.perf_counter() - t0:.0f} s)")
     settings = {
         "attacks": list(attacks), "defenses": list(defenses), "budget": budget, "floor": floor,

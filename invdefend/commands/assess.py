@@ -94,7 +94,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="samples estimated together (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the data draw and the estimator's random probes (default: %(default)s)")
-    p.add_argument("--out", default="invdefend-report.json", help="JSON report path (default: %(default)s)")
+    p.add_argument("--out", default="runs/assess.json",
+                   help="JSON report path; parent folders are created (default: %(default)s, git-ignored)")
     p.add_argument("--progress", action="store_true", help="show a progress bar (default: off)")
     return p
 

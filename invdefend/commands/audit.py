@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..invre import MIN_PRIOR_SAMPLES
+from ..prior import DEFAULT_RANK, GaussianPrior
 from .assess import (
     add_model_and_data_arguments,
     build_model,
@@ -17,9 +19,15 @@ from .assess import (
     load_data,
     samples_used,
 )
-from .errors import choose_from, require_at_least
+from .errors import choose_from, require, require_at_least
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "run", "DEFAULT_ATTACKS", "fit_attacker_priors"]
+
+#: The attacks ``invdefend audit`` runs unless ``--attacks`` says otherwise: the whole suite but iDLG (whose
+#: label recovery the others do not need: the label is given).
+DEFAULT_ATTACKS = "dlg,ig,aware,prior,class_prior"
+#: Calibration samples a label needs for its own prior (``class_prior``); fewer: the data prior stands in.
+MIN_CLASS_SAMPLES = 16
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -36,9 +44,15 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         ),
     )
     add_model_and_data_arguments(p, samples=4, verb="attack")
-    p.add_argument("--attacks", default="dlg,ig,aware",
-                   help=f"comma-separated, from {','.join(ATTACKS)} (aware runs only under a noisy defense) "
-                        "(default: %(default)s)")
+    p.add_argument("--attacks", default=None,
+                   help=f"comma-separated, from {','.join(ATTACKS)}; aware, prior and class_prior run only under a "
+                        "noisy defense, and prior / class_prior attack with a Gaussian image prior fitted on "
+                        "--prior-samples further samples of --data (never the audited ones), one per label for "
+                        f"class_prior (default: {DEFAULT_ATTACKS}; the prior attacks are left out, with a notice, "
+                        "when the data holds too few further samples)")
+    p.add_argument("--prior-samples", type=int, default=256,
+                   help="samples beyond the audited ones that the prior attacks fit their priors on "
+                        "(default: %(default)s; fewer if the data holds fewer)")
     p.add_argument("--defense", choices=DEFENSES, default="spectral",
                    help="defense compared with the undefended release (default: spectral; none: baseline only; "
                         "band_pass is audited against the Gaussian law it approximates, from the exact SVD of "
@@ -52,7 +66,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=200, help="iterations of every attack (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the model factory, the data draw, attacks and noise (default: %(default)s)")
-    p.add_argument("--out", default="invdefend-audit", help="output directory (default: %(default)s)")
+    p.add_argument("--out", default="runs/audit", help="output directory (default: %(default)s, git-ignored)")
     p.add_argument("--html", metavar="PATH", default=None,
                    help="also write a self-contained HTML report (settings, threat model, images, scatter, "
                         "per-sample table) to PATH (default: none)")
@@ -68,7 +82,28 @@ def check_arguments(args: argparse.Namespace) -> list[str]:
         require_at_least(args.floor, "--floor", 0.0, meaning="0 disables it", example="0.025")
     require_at_least(args.num_samples, "-n", 1, example="4")
     require_at_least(args.iterations, "--iterations", 1, example="200")
-    return choose_from((a.strip() for a in args.attacks.split(",") if a.strip()), ATTACKS, "--attacks", args.attacks)
+    require_at_least(args.prior_samples, "--prior-samples", 0, example="256")
+    given = DEFAULT_ATTACKS if args.attacks is None else args.attacks
+    return choose_from((a.strip() for a in given.split(",") if a.strip()), ATTACKS, "--attacks", given)
+
+
+def fit_attacker_priors(
+    calibration: torch.Tensor, labels: torch.Tensor | None, audited_labels: torch.Tensor
+) -> tuple[GaussianPrior, dict[int, GaussianPrior]]:
+    """The prior attacks' image priors, fitted on ``calibration`` (never the audited samples): one over all of
+    it, and one per audited label from that label's calibration samples (the data prior stands in, with a
+    notice, for a label with fewer than :data:`MIN_CLASS_SAMPLES`, or when the data has no labels)."""
+    prior = GaussianPrior.fit(calibration.double(), min(DEFAULT_RANK, len(calibration) - 1))
+    per_label: dict[int, GaussianPrior] = {}
+    for label in sorted({int(v) for v in audited_labels}):
+        own = calibration[labels == label] if labels is not None else calibration[:0]
+        if len(own) >= MIN_CLASS_SAMPLES:
+            per_label[label] = GaussianPrior.fit(own.double(), min(DEFAULT_RANK, len(own) - 1))
+        else:
+            per_label[label] = prior
+            print(f"invdefend audit: label {label} has {len(own)} calibration samples (< {MIN_CLASS_SAMPLES}); "
+                  "class_prior uses the data prior for it")
+    return prior, per_label
 
 
 def run(args: argparse.Namespace) -> int:
@@ -79,18 +114,36 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)  # a factory that draws random weights gives the same model every run
     model = build_model(args.model, args.checkpoint)
     model.eval()
-    x, y = load_data(args.data, args.num_samples, x_key=args.x_key, y_key=args.y_key, seed=args.seed,
-                     command="audit")
-    samples_used(len(x), args.num_samples, args.data, "audit")
+    with_prior = bool({"prior", "class_prior"} & set(attacks))
+    extra = args.prior_samples if with_prior else 0
+    x_all, y_all = load_data(args.data, args.num_samples + extra, x_key=args.x_key, y_key=args.y_key, seed=args.seed,
+                             command="audit")
+    n = samples_used(min(len(x_all), args.num_samples), args.num_samples, args.data, "audit")
+    x, y = x_all[:n], None if y_all is None else y_all[:n]
     output = first_output(model, x)
     if y is None:
         classes = output.shape[-1]
         y = torch.arange(len(x)) % classes
         print(f"invdefend audit: data has no labels; using labels i mod {classes}")
     check_labels(y, output)
+    prior, class_priors = None, None
+    if with_prior:
+        calibration = x_all[n:]
+        if len(calibration) < MIN_PRIOR_SAMPLES:
+            require(args.attacks is None,
+                    f"--attacks {args.attacks!r}: the prior attacks need at least {MIN_PRIOR_SAMPLES} samples of "
+                    f"--data beyond the {n} audited, and it holds {len(calibration)}; lower -n, give more data or "
+                    "leave prior and class_prior out of --attacks")
+            attacks = [a for a in attacks if a not in ("prior", "class_prior")]
+            print(f"invdefend audit: --data holds {len(calibration)} samples beyond the audited ones (< "
+                  f"{MIN_PRIOR_SAMPLES}); the prior attacks are left out")
+        else:
+            prior, class_priors = fit_attacker_priors(calibration, None if y_all is None else y_all[n:], y)
+            print(f"invdefend audit: attacker priors fitted on {len(calibration)} samples of --data (not audited)")
     defenses = ["none"] if args.defense == "none" else ["none", args.defense]
     report = audit(model, F.cross_entropy, x, y, attacks=attacks, defenses=defenses, budget=args.budget,
-                   floor=args.floor, iterations=args.iterations, seed=args.seed, progress=print)
+                   floor=args.floor, iterations=args.iterations, seed=args.seed, progress=print, prior=prior,
+                   class_priors=class_priors)
     report.settings.update({"model": args.model, "checkpoint": args.checkpoint, "data": args.data})
     print(format_summary(report.summary()))
     files = save_audit(report, Path(args.out))

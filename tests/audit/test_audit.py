@@ -213,3 +213,22 @@ def test_prior_attacks_use_the_fitted_priors_and_select_by_ssim_keeps_the_most_s
         audit(model, F.cross_entropy, x, y, select_by="lpips")
     with pytest.raises(ValueError, match="restarts"):
         audit(model, F.cross_entropy, x, y, restarts=0)
+
+
+def test_cli_audit_fits_the_attacker_priors_beyond_the_audited_samples(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    factory = _tiny_factory(tmp_path, "tinymodel_audit_prior")
+    out = tmp_path / "audit-prior"
+    code = main(["audit", "--model", f"{factory}:make", "--data", "digits", "-n", "1", "--attacks", "dlg,prior,class_prior",
+                 "--prior-samples", "64", "--defense", "isotropic", "--budget", "0.5", "--iterations", "5",
+                 "--out", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "attacker priors fitted on 64 samples of --data (not audited)" in text
+    noisy = [s for s in json.loads((out / "audit.json").read_text())["samples"] if s["defense"] == "isotropic"]
+    assert set(noisy[0]["attacked_psnr"]) == {"dlg", "prior", "class_prior"}
+    # Asked for explicitly, the prior attacks are refused (exit 2, one line) when the data cannot fit a prior.
+    code = main(["audit", "--model", f"{factory}:make", "--data", "digits", "-n", "1", "--attacks", "prior",
+                 "--prior-samples", "8", "--iterations", "5", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "the prior attacks need at least 32 samples" in err[0]
