@@ -6,8 +6,9 @@ order; only the defense differs:
 
 * ``undefended`` — a plain loop; a :class:`~invdefend.GradientDefense` in ``mechanism="monitor"`` mode measures
   the risk of what it shares (no noise, outside the timed step);
-* the library's **default** defense (``mechanism="spectral"``: half the energy an isotropic floor, half shaped
-  by the prior-whitened Jacobian spectrum) at the demo's ``budget``, two changed lines;
+* the library's **default** defense (``mechanism="spectral"``: half the energy an isotropic floor, half — at
+  most ``1·‖ḡ‖²``, the rest joining the floor — shaped by the prior-whitened Jacobian spectrum) at the demo's
+  ``budget``, two changed lines;
 * ``isotropic`` — the same noise energy spread evenly (the DP-SGD-like baseline).
 
 Accuracy is cross-validated over ``folds`` stratified folds (40 test images are too few to resolve one point).
@@ -47,7 +48,7 @@ from torch import Tensor, nn
 
 from .audit import AuditReport, audit
 from .data import FACE_LABELS, face_folds, load_faces
-from .defense import GradientDefense
+from .defense import DefenseSettings, GradientDefense
 from .metrics import psnr, ssim
 from .monitor import ReleaseRecord, RiskMonitor
 from .prior import GaussianPrior
@@ -432,9 +433,10 @@ def plot_story(report: AuditReport, baseline: tuple[Tensor, list[float], list[fl
             ax.set_yticks([])
             ax.set_xlabel(caption, fontsize=8)
     acc = ", ".join(f"{nm} {summary[nm]['accuracy']:.1%}" for nm in names)
+    shaped, floor = DefenseSettings.for_kind("gradient", budget=config.budget).energy_split("gradient")
     fig.suptitle(
         f"A private face rebuilt from its gradient (batch of one, 25×25 LFW) by the strongest of {len(ATTACKS)} attacks\n"
-        f"noise energy {config.budget:g}×‖g‖² (default: half isotropic floor, half spectral); accuracy: {acc}",
+        f"noise energy {config.budget:g}×‖g‖² (default: {floor:g} isotropic floor + {shaped:g} spectral); accuracy: {acc}",
         fontsize=9,
     )
     fig.tight_layout()

@@ -60,7 +60,8 @@ class DefenseSettings:
         max_budget: the largest relative energy target mode may use.
         floor: isotropic energy relative to the signal's, added everywhere (0 disables it). ``None`` (the
             default): the placement's ``default_floor_share`` of ``budget`` — half for ``mechanism="spectral"``
-            on gradients, the other half shaped, so ``budget`` stays the total energy (:meth:`energy_split`;
+            on gradients, the other half shaped (at most ``1·‖ḡ‖²``; the rest of a larger budget is floor too),
+            so ``budget`` stays the total energy (:meth:`energy_split`;
             without a floor a defense-aware attacker whitens the shaped noise away, THEORY §7); 0 otherwise.
         fallback_budget: relative energy of the conservative isotropic noise released when no estimate can be
             trusted (default ``max(10·budget, fallback_minimum)``).
@@ -221,11 +222,15 @@ class DefenseSettings:
     def energy_split(self, kind: str) -> tuple[float, float]:
         """``(shaped budget, isotropic floor)``, both relative to the signal's energy: ``floor=None`` splits
         ``budget`` by the placement's ``default_floor_share`` for this kind (a half for ``"spectral"`` on
-        gradients; no floor otherwise)."""
+        gradients; no floor otherwise), the shaped part at most the placement's ``default_shaped_cap`` (1 for
+        ``"spectral"`` on gradients: a budget of 20 splits 1 shaped, 19 floor)."""
         if self.floor is not None:
             return float(self.budget), float(self.floor)
-        share = get_placement(self.mechanism, kind).default_floor_share.get(kind, 0.0)
-        return (1 - share) * float(self.budget), share * float(self.budget)
+        cls = get_placement(self.mechanism, kind)
+        budget = float(self.budget)
+        shaped = (1 - cls.default_floor_share.get(kind, 0.0)) * budget
+        shaped = min(shaped, cls.default_shaped_cap.get(kind, math.inf))
+        return shaped, budget - shaped
 
     def placement(self, kind: str, owner: str) -> Placement:
         """The placement these settings describe (:func:`invdefend.placements.compose`)."""

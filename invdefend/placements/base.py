@@ -140,6 +140,9 @@ class Placement(ABC):
         supports_target: whether target mode (:class:`~invdefend.placements.target.Target`) may wrap it.
         default_floor_share: per release kind, the share of ``budget`` that goes into an isotropic floor when
             the settings leave ``floor=None`` (0: none); the rest is this placement's.
+        default_shaped_cap: per release kind, the most energy (relative to the signal's) this placement takes
+            when the settings leave ``floor=None``; what the share would give beyond it goes into the floor
+            too, so ``budget`` stays the total (absent: no cap).
     """
 
     name: ClassVar[str] = ""
@@ -148,6 +151,7 @@ class Placement(ABC):
     needs_spectrum: ClassVar[bool] = True
     supports_target: ClassVar[bool] = True
     default_floor_share: ClassVar[dict[str, float]] = {}
+    default_shaped_cap: ClassVar[dict[str, float]] = {}
 
     @abstractmethod
     def plan(self, ctx: PlanContext, prior: NoisePlan | None = None) -> NoisePlan:

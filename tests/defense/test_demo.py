@@ -87,7 +87,7 @@ def test_config_is_validated() -> None:
 def test_invdefend_demo_command_end_to_end(tmp_path) -> None:
     """The README's first command: exits 0 and writes the picture, the event files, the report and
     runs/summary.json; undefended faces are rebuilt (SSIM >= 0.8 each), defended ones come near the average face,
-    and isotropic noise of the same energy keeps accuracy within a point."""
+    and both noisy runs keep accuracy within a point."""
     out = tmp_path / "runs"
     proc = subprocess.run(
         [sys.executable, "-c", "import sys; from invdefend.cli import main; sys.exit(main())", "demo", "--out", str(out)],
@@ -103,5 +103,6 @@ def test_invdefend_demo_command_end_to_end(tmp_path) -> None:
     floor = runs["average face"]["ssim_mean"]
     for name in ("default", "isotropic"):
         assert runs[name]["ssim_mean"] < floor + 0.15, (name, runs[name]["faces_ssim"], floor)
-    assert abs(runs["isotropic"]["accuracy"] - runs["undefended"]["accuracy"]) <= 0.01, runs
+    for name in ("default", "isotropic"):  # the issue's target: accuracy within 1 point of undefended
+        assert abs(runs[name]["accuracy"] - runs["undefended"]["accuracy"]) <= 0.01, (name, runs[name]["accuracy"])
     assert "accuracy" in proc.stdout and "average face" in proc.stdout

@@ -68,6 +68,12 @@ def test_the_default_gradient_placement_is_half_shaped_half_floor_under_an_onlin
     # an explicit floor, another mechanism and the embedding defense keep their budget whole
     assert DefenseSettings.for_kind("gradient", floor=0.01).energy_split("gradient") == (0.05, 0.01)
     assert DefenseSettings.for_kind("gradient", mechanism="isotropic").energy_split("gradient") == (0.05, 0.0)
+    # the shaped half is capped at 1·‖ḡ‖²: a large budget goes mostly into the floor, still summing to the budget
+    assert DefenseSettings.for_kind("gradient", budget=2.0).energy_split("gradient") == pytest.approx((1.0, 1.0))
+    assert DefenseSettings.for_kind("gradient", budget=20.0).energy_split("gradient") == pytest.approx((1.0, 19.0))
+    big = GradientDefense(_model(), nn.CrossEntropyLoss(), budget=20.0, capture=False)
+    assert big.placement.parts[0] == Isotropic(budget=19.0) and big.placement.parts[1].budget == pytest.approx(1.0)
+    assert DefenseSettings.for_kind("gradient", budget=20.0, floor=0.0).energy_split("gradient") == (20.0, 0.0)
     e = EmbeddingDefense(_model())
     assert e.settings.energy_split("embedding") == (0.1, 0.0) and e.prior is None
     # a defended step at the defaults releases the budget's energy in total, half of it isotropic
