@@ -261,8 +261,9 @@ def train_run(
                     t0 += time.perf_counter() - t_monitor
                 optimizer.step()
                 schedule.step()
-                # The TensorBoard probe image is a diagnostic, not part of the protected step: its time is left out.
-                probe = defense.last_record.extra.get("probe_attack") or {}
+                # The TensorBoard probe image is a diagnostic, not part of the protected step: its time is left out
+                # (the undefended run's protect(), probe included, is already outside t0).
+                probe = (defense.last_record.extra.get("probe_attack") or {}) if mechanism != "monitor" else {}
                 step_seconds.append(time.perf_counter() - t0 - float(probe.get("seconds", 0.0)))
                 refreshed.append(bool(defense.last_record.refreshed))
                 loss_value = loss.item()
