@@ -50,6 +50,7 @@ from .audit import AuditReport, audit
 from .data import FACE_LABELS, face_folds, load_faces
 from .defense import DefenseSettings, GradientDefense
 from .metrics import psnr, ssim
+from .models import two_conv_cnn
 from .monitor import ReleaseRecord, RiskMonitor
 from .prior import GaussianPrior
 
@@ -80,16 +81,9 @@ RUNS: dict[str, str] = {"undefended": "monitor", "default": "spectral", "isotrop
 
 
 def face_cnn() -> nn.Module:
-    """The demo's CNN for ``(B, 1, 25, 25)`` faces: two 3×3 convolutions (8 and 16 channels, the second with
-    stride 2), ReLU, and a linear face / non-face classifier — 6,658 parameters."""
-    return nn.Sequential(
-        nn.Conv2d(1, 8, kernel_size=3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, kernel_size=3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(16 * 13 * 13, len(FACE_LABELS)),
-    )
+    """The demo's CNN for ``(B, 1, 25, 25)`` faces (:func:`invdefend.models.two_conv_cnn`: 8 and 16 channels, the
+    second convolution with stride 2, ReLU, a linear face / non-face classifier) — 6,658 parameters."""
+    return two_conv_cnn(8, 25, len(FACE_LABELS))
 
 
 @dataclass
