@@ -209,6 +209,9 @@ class RiskMonitor:
         prefix: extra tag level after ``invdefend/`` (e.g. a run or client name); empty by default.
         max_history: :attr:`history` keeps only the latest this many records (default 1000), so that a long
             run's memory stays bounded; None keeps every record. TensorBoard and callbacks see all of them.
+        hparams: write the defense's settings as TensorBoard hparams (:meth:`write_hparams`); False when the
+            writer is shared with a framework that writes its own hparams session there (Lightning's
+            TensorBoardLogger does), since a run holds one session and the last one written wins.
     """
 
     def __init__(
@@ -219,6 +222,7 @@ class RiskMonitor:
         callbacks: Iterable[Callable[[ReleaseRecord], None]] = (),
         prefix: str = "",
         max_history: int | None = 1000,
+        hparams: bool = True,
     ) -> None:
         if max_history is not None and (
             not isinstance(max_history, int) or isinstance(max_history, bool) or max_history < 0
@@ -240,6 +244,7 @@ class RiskMonitor:
         self.history: list[ReleaseRecord] = []
         self.keep_history = True
         self.max_history = None if max_history is None else int(max_history)
+        self.hparams = bool(hparams)
         self._last: dict[tuple[str, str], Any] = {}  # last value written per tag (for write-on-change)
 
     def subscribe(self, callback: Callable[[ReleaseRecord], None], *, first: bool = False) -> None:
@@ -358,12 +363,13 @@ class RiskMonitor:
         ``"risk/predicted_psnr_max"``, tagged by :meth:`tag`) as the metrics the hparams dashboard shows.
 
         Values that are not ``str``/``int``/``float``/``bool`` are left out (:func:`hparam_values`); bools are
-        stored as numbers 0/1. Returns whether anything was written: False without a writer, or with one that
-        has no ``file_writer`` (not a ``torch.utils.tensorboard.SummaryWriter``). One run holds one hparams
+        stored as numbers 0/1. Returns whether anything was written: False without a writer, with one that
+        has no ``file_writer`` (not a ``torch.utils.tensorboard.SummaryWriter``), or when the monitor was made
+        with ``hparams=False``. One run holds one hparams
         session: a later call in the same run replaces what TensorBoard shows.
         """
         file_writer = getattr(self.writer, "file_writer", None)
-        if file_writer is None:
+        if file_writer is None or not self.hparams:
             return False
         from torch.utils.tensorboard.summary import hparams
 

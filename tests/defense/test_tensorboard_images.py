@@ -159,3 +159,16 @@ def test_probe_image_lays_samples_side_by_side_upscaled() -> None:
     assert flat.shape == (1, 64, 144) and float(flat.max()) == 1.0
     with pytest.raises(ValueError, match="differ in shape"):
         probe_image(torch.rand(1, 8, 8), torch.rand(1, 4, 4))
+
+
+def test_hparams_can_be_left_to_a_framework_that_writes_its_own(tmp_path) -> None:
+    """A writer shared with e.g. Lightning's logger holds one hparams session: RiskMonitor(hparams=False)
+    leaves it to the framework, and everything else is still written."""
+    monitor = RiskMonitor(log_dir=str(tmp_path), hparams=False)
+    train(monitor, steps=2)
+    monitor.close()
+    assert monitor.write_hparams("gradient", {"budget": 0.05}, ["risk/predicted_psnr_max"]) is False
+    acc = events(tmp_path)
+    with pytest.raises(KeyError):  # no hparams plugin data in the run at all
+        acc.PluginTagToContent("hparams")
+    assert G + "noise/relative_energy" in acc.Tags()["scalars"]
