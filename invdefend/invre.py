@@ -18,11 +18,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .jacobian import embedding_jacobian, gradient_jacobian
+from .jacobian import (
+    ParamSpec,
+    embedding_jacobian,
+    gradient_jacobian,
+    select_parameters,
+)
 from .prior import DEFAULT_RANK, GaussianPrior
 from .risk import DEFAULT_RHO, NoiseModel, RiskEstimate, default_prior_variance
 from .spectral import Spectrum, estimate_spectrum
 from .stats import summarise
+from .subset import DEFAULT_FAILURE, DEFAULT_STEPS, RestBound, bounded_risk, rest_norm
 
 __all__ = [
     "InvRE", "RiskReport", "estimate_gradient_spectrum", "estimate_embedding_spectrum", "summarise", "PriorChoice",
@@ -58,6 +64,7 @@ def estimate_gradient_spectrum(
     embedding_module: str | nn.Module | None = None,
     left: bool = True,
     block: int | Literal["auto"] | None = "auto",
+    params: ParamSpec | None = None,
 ) -> Spectrum:
     """Top-k spectrum of ``∂(per-sample gradient)/∂input`` for every sample of a batch.
 
@@ -68,9 +75,11 @@ def estimate_gradient_spectrum(
     the pixel error under that prior; :mod:`invdefend.risk`). For token ids pass ``embedding_module`` (the
     Jacobian is then taken with respect to its output; :func:`~invdefend.jacobian.gradient_jacobian`).
     ``left=False`` skips the left singular vectors; ``block="auto"`` sweeps 8 columns at a time on models too
-    large to keep the sweeps' images (:func:`~invdefend.spectral.topk_spectrum`).
+    large to keep the sweeps' images (:func:`~invdefend.spectral.topk_spectrum`). ``params``: the spectrum of
+    the gradient of those parameters only (a layer subset; alone it under-states the risk, THEORY §10.6).
     """
-    op = gradient_jacobian(model, loss_fn, inputs, targets, mode=mode, embedding_module=embedding_module)
+    op = gradient_jacobian(model, loss_fn, inputs, targets, mode=mode, embedding_module=embedding_module,
+                           params=params)
     return estimate_spectrum(
         op, k, method=method, tail=tail, init=init, max_sweeps=max_sweeps, tol=tol, oversample=oversample,
         slq_probes=slq_probes, slq_steps=slq_steps, generator=generator, prior=prior, left=left,
@@ -168,12 +177,15 @@ class RiskReport:
             np.average([r.estimator.get("converged_fraction", 1.0) for r in reports], weights=[r.n_samples for r in reports])
         )
         est["seconds"] = float(sum(r.estimator.get("seconds", 0.0) for r in reports))
+        settings = reports[0].settings
+        if "rest_bound" in settings:  # per sample, like the risk: every chunk's
+            settings = {**settings, "rest_bound": [b for r in reports for b in r.settings["rest_bound"]]}
         return cls(
             predicted_psnr=sum((r.predicted_psnr for r in reports), []),
             leakage=sum((r.leakage for r in reports), []),
             invloss=sum((r.invloss for r in reports), []),
             singular_values=sum((r.singular_values for r in reports), []),
-            settings=reports[0].settings,
+            settings=settings,
             estimator=est,
             name=name or reports[0].name,
         )
@@ -228,6 +240,13 @@ class InvRE:
         mode: evaluate the model in ``"eval"`` (default) or ``"train"`` mode.
         seed: seed of the estimator's random probes.
         progress: show a progress bar over batches.
+        params: assess through a layer subset (gradient target only): the spectrum of the gradient of these
+            parameters (names, module names or modules, :func:`~invdefend.jacobian.select_parameters`), with
+            what the others can add bounded by ``‖J_R‖₂`` (:mod:`invdefend.subset`, THEORY §10.6): the
+            reported risk is an upper bound on the whole gradient's. The report's settings add ``params``,
+            ``rest_bound`` (the upper estimate of ``‖J_R‖₂`` per sample) and ``rest_rule``.
+        rest_steps, rest_failure: Lanczos steps of the rest's norm and the probability per sample that its
+            estimate falls short (:func:`~invdefend.subset.rest_norm`).
     """
 
     def __init__(
@@ -254,6 +273,9 @@ class InvRE:
         mode: Literal["eval", "train"] = "eval",
         seed: int = 0,
         progress: bool = False,
+        params: ParamSpec | None = None,
+        rest_steps: int = DEFAULT_STEPS,
+        rest_failure: float = DEFAULT_FAILURE,
     ) -> None:
         if target not in ("gradient", "embedding"):
             raise ValueError(f"invdefend.InvRE: target={target!r}; choose 'gradient' or 'embedding'")
@@ -287,6 +309,23 @@ class InvRE:
         self.mode = mode
         self.seed = seed
         self.progress = progress
+        self.params = self._check_params(params)
+        if rest_steps < 2 or not 0 < rest_failure < 1:
+            raise ValueError(f"invdefend.InvRE: rest_steps={rest_steps} must be >= 2 and rest_failure={rest_failure} "
+                             "in (0, 1)")
+        self.rest_steps, self.rest_failure = int(rest_steps), float(rest_failure)
+
+    def _check_params(self, params: ParamSpec | None) -> list[str] | None:
+        """The layer subset as names (modules by their qualified names), checked against the model."""
+        if params is None:
+            return None
+        if self.target != "gradient":
+            raise ValueError("invdefend.InvRE: params= chooses parameters of the shared gradient; an embedding "
+                             "has none (drop params, or assess target='gradient')")
+        items = [params] if isinstance(params, (str, nn.Module)) else list(params)
+        select_parameters(self.model, items, where="InvRE")
+        names = {m: n for n, m in self.model.named_modules()}
+        return [item if isinstance(item, str) else names[item] for item in items]
 
     def spectrum(
         self, inputs: Tensor, targets: Tensor | None = None, *, init: Spectrum | None = None,
@@ -307,19 +346,43 @@ class InvRE:
             if targets is None:
                 raise ValueError("invdefend.InvRE: target='gradient' needs the batch's targets (labels)")
             assert self.loss_fn is not None
-            return estimate_gradient_spectrum(self.model, self.loss_fn, inputs, targets, **common)
+            return estimate_gradient_spectrum(self.model, self.loss_fn, inputs, targets, params=self.params,
+                                              **common)
         return estimate_embedding_spectrum(self.model, inputs, **common)
 
-    def _report_from(self, spec: Spectrum, seconds: float, name: str, prior_used: str) -> RiskReport:
-        risk = RiskEstimate.from_spectrum(
-            spec, self.noise, v0=self.v0, dynamic_range=self.dynamic_range, tail=self.tail
-        )
+    def rest_bound(self, inputs: Tensor, targets: Tensor | None, *, prior: GaussianPrior | None = None) -> RestBound:
+        """The bound on what the parameters outside ``params`` add, for one batch
+        (:func:`~invdefend.subset.rest_norm`; in the whitened coordinates of ``prior`` when given)."""
+        if self.params is None:
+            raise ValueError("invdefend.InvRE.rest_bound: no layer subset (params=) was chosen")
+        if targets is None:
+            raise ValueError("invdefend.InvRE: target='gradient' needs the batch's targets (labels)")
+        assert self.loss_fn is not None
+        gen = torch.Generator(device=inputs.device).manual_seed(self.seed + 1)
+        return rest_norm(self.model, self.loss_fn, inputs, targets, self.params, steps=self.rest_steps,
+                         failure=self.rest_failure, mode=self.mode, prior=prior, generator=gen)
+
+    def _report_from(
+        self, spec: Spectrum, seconds: float, name: str, prior_used: str, rest: RestBound | None = None
+    ) -> RiskReport:
+        if rest is None:
+            risk = RiskEstimate.from_spectrum(
+                spec, self.noise, v0=self.v0, dynamic_range=self.dynamic_range, tail=self.tail
+            )
+        else:
+            risk = bounded_risk(spec, rest, self.noise, v0=self.v0, dynamic_range=self.dynamic_range, tail=self.tail)
         v0 = self.v0 if spec.prior_trace is None else spec.prior_trace / spec.in_dim
         settings = {
             "target": self.target, "k": self.k, "method": self.method, "tail": self.tail,
             "rho": self.noise.rho, "v0": v0, "dynamic_range": self.dynamic_range, "mode": self.mode,
             "in_dim": spec.in_dim, "out_dim": spec.out_dim, "prior": prior_used,
         }
+        if rest is not None:
+            settings.update({
+                "params": self.params, "out_dim": spec.out_dim + rest.out_dim, "subset_out_dim": spec.out_dim,
+                "rest_bound": rest.norm.double().tolist(),
+                "rest_rule": {"steps": rest.steps, "failure": rest.failure, "factor": rest.factor},
+            })
         estimator = {
             "sweeps_max": spec.sweeps,
             "converged_fraction": float(spec.converged.float().mean()),
@@ -350,8 +413,10 @@ class InvRE:
             sl = slice(start, start + self.batch_size)
             prior, used = folds(start)
             t0 = time.perf_counter()
-            spec = self.spectrum(inputs[sl], None if targets is None else targets[sl], prior=prior, left=False)
-            chunks.append(self._report_from(spec, time.perf_counter() - t0, name, used))
+            batch_targets = None if targets is None else targets[sl]
+            spec = self.spectrum(inputs[sl], batch_targets, prior=prior, left=False)
+            rest = None if self.params is None else self.rest_bound(inputs[sl], batch_targets, prior=prior)
+            chunks.append(self._report_from(spec, time.perf_counter() - t0, name, used, rest))
         return RiskReport.merge(chunks, name=name)
 
     def priors_for(self, inputs: Tensor) -> Callable[[int], tuple[GaussianPrior | None, str]]:

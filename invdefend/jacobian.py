@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Literal
 
 import torch
@@ -39,6 +39,7 @@ __all__ = [
     "training_batch_norms",
     "embedding_jacobian",
     "trainable_parameters",
+    "select_parameters",
     "check_inputs",
     "check_dtypes",
     "module_mode",
@@ -63,6 +64,64 @@ def trainable_parameters(model: nn.Module) -> dict[str, Tensor]:
             "gradient is shared; unfreeze at least one layer or assess the embedding instead"
         )
     return params
+
+
+#: What ``params=`` accepts: parameter names (as in ``model.named_parameters()``), module names, or modules.
+ParamSpec = Iterable[str | nn.Module] | str | nn.Module
+
+
+def select_parameters(model: nn.Module, params: ParamSpec, where: str = "gradient_jacobian") -> list[str]:
+    """The names of the trainable parameters ``params`` chooses, in registration order (THEORY §10.6).
+
+    Each item is a parameter name as in ``model.named_parameters()``, a submodule's qualified name, or a
+    submodule; a module contributes its trainable parameters. A single name or module may be given alone.
+    Raises :class:`ValueError` listing every unknown name, naming frozen parameters asked for by name and
+    modules without a trainable parameter, and for an empty choice."""
+    items = [params] if isinstance(params, (str, nn.Module)) else list(params)
+    if not items:
+        raise ValueError(f"invdefend.{where}: params chooses nothing; name at least one parameter or module "
+                         "(e.g. params=['classifier'])")
+    trainable = trainable_parameters(model)
+    found = [_parameters_of(model, item, where) for item in items]
+    unknown = [item for item, names in zip(items, found) if names is None]
+    if unknown:
+        tops = [n for n, _ in model.named_children()]
+        raise ValueError(f"invdefend.{where}: {type(model).__name__} has no parameter or module named "
+                         f"{', '.join(map(repr, unknown))}; give names from model.named_parameters() or "
+                         f"model.named_modules() (its top-level modules are {tops})")
+    chosen = set().union(*found)
+    frozen = sorted(chosen - set(trainable))
+    if frozen:
+        raise ValueError(f"invdefend.{where}: params names frozen parameters {frozen} (requires_grad=False): "
+                         "their gradient is not shared; choose trainable ones")
+    return [name for name in trainable if name in chosen]
+
+
+def _parameters_of(model: nn.Module, item: str | nn.Module, where: str) -> set[str] | None:
+    """The model-level parameter names one ``params`` item stands for (a module's: its trainable ones, at
+    least one); ``None`` for a name the model does not have."""
+    own = dict(model.named_parameters())
+    if isinstance(item, str) and item in own:
+        return {item}
+    if isinstance(item, str):
+        module = dict(model.named_modules()).get(item)
+        if module is None:
+            return None
+    elif isinstance(item, nn.Module):
+        module = item
+        if all(m is not item for m in model.modules()):
+            raise ValueError(f"invdefend.{where}: params holds a {type(item).__name__} that is not a submodule of "
+                             f"{type(model).__name__}; pass the model's own modules or their names")
+    else:
+        raise TypeError(f"invdefend.{where}: params items must be parameter or module names (str) or modules, "
+                        f"got {type(item).__name__}")
+    by_id = {id(p): n for n, p in own.items()}
+    names = {by_id[id(p)] for p in module.parameters() if p.requires_grad}
+    if not names:
+        label = item if isinstance(item, str) else type(item).__name__
+        raise ValueError(f"invdefend.{where}: module {label!r} has no trainable parameter; choose a module "
+                         "whose gradient is shared")
+    return names
 
 
 @contextlib.contextmanager
@@ -441,6 +500,7 @@ def gradient_jacobian(
     vectorize: bool | Literal["auto"] = "auto",
     embedding_module: str | nn.Module | None = None,
     buffers: dict[str, Tensor] | None = None,
+    params: ParamSpec | None = None,
 ) -> JacobianOperator:
     """The Jacobian of each sample's parameter gradient with respect to its input.
 
@@ -464,6 +524,10 @@ def gradient_jacobian(
         embedding_module: the submodule (or its name) whose output the Jacobian is taken with respect to.
         buffers: buffer values to evaluate with instead of the model's own, by name (e.g.
             :func:`batch_statistics`: train-mode BatchNorm on the batch's statistics, held as constants).
+        params: only the gradient of these parameters (names, module names or modules;
+            :func:`select_parameters`): the operator's rows are theirs, in registration order, the other
+            parameters held as constants. A subset alone under-states the risk; :mod:`invdefend.subset` bounds
+            what the rest adds (THEORY §10.6).
     """
     _check_mode("gradient_jacobian", mode)
     if embedding_module is None:
@@ -478,12 +542,15 @@ def gradient_jacobian(
             f"invdefend.gradient_jacobian: {inputs.shape[0]} inputs but {targets.shape[0]} targets; "
             "pass one target per input"
         )
-    params = {k: v.detach() for k, v in trainable_parameters(model).items()}
-    frozen = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
+    chosen = trainable_parameters(model)
+    if params is not None:
+        chosen = {k: chosen[k] for k in select_parameters(model, params)}
     own = dict(model.named_buffers())
     unknown = sorted(set(buffers or {}) - set(own))
     if unknown:
         raise ValueError(f"invdefend.gradient_jacobian: {type(model).__name__} has no buffers {unknown}")
+    live = {k: v.detach() for k, v in chosen.items()}
+    frozen = {k: v.detach() for k, v in model.named_parameters() if k not in live}
     buffers = {k: (buffers or {}).get(k, v).detach().clone() for k, v in own.items()}
     context = lambda: estimator_context(model, mode)
 
@@ -495,7 +562,7 @@ def gradient_jacobian(
         def loss_of(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
             return loss_fn(call(p, x), y.unsqueeze(0))
 
-        return JacobianOperator(_flat_gradient(loss_of, params), inputs, (targets,), vectorize=vectorize,
+        return JacobianOperator(_flat_gradient(loss_of, live), inputs, (targets,), vectorize=vectorize,
                                 name="gradient_jacobian", context=context, module=model)
 
     embed = find_module("gradient_jacobian", model, embedding_module)
@@ -513,7 +580,7 @@ def gradient_jacobian(
         finally:
             handle.remove()
 
-    return JacobianOperator(_flat_gradient(embedded_loss, params), embedded, (inputs, targets), vectorize=vectorize,
+    return JacobianOperator(_flat_gradient(embedded_loss, live), embedded, (inputs, targets), vectorize=vectorize,
                             name="gradient_jacobian", context=context, module=model)
 
 

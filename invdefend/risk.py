@@ -105,11 +105,28 @@ def reference_noise(signal_norm: Tensor, out_dim: int, rho: float = DEFAULT_RHO)
     return (rho * signal_norm) ** 2 / out_dim
 
 
-def _terms(s2: Tensor, tau: Tensor, v0: float) -> Tensor:
-    """``1/(s²/τ + 1/v0) = v0·τ/(τ + v0·s²)``, with the limits s=0 → v0 and τ=0 (s>0) → 0."""
+def _terms(s2: Tensor, tau: Tensor, v0: float | Tensor) -> Tensor:
+    """``1/(s²/τ + 1/v0) = v0·τ/(τ + v0·s²)``, with the limits s=0 → v0 and τ=0 (s>0) → 0. ``v0`` may be a
+    tensor broadcasting against ``s2`` (a prior variance per sample, :func:`_shifted`)."""
     denom = tau + v0 * s2
     safe = torch.where(denom > 0, denom, torch.ones_like(denom))
-    return torch.where(denom > 0, v0 * tau / safe, torch.full_like(denom, v0))
+    fill = v0.to(denom).expand_as(denom) if isinstance(v0, Tensor) else torch.full_like(denom, v0)
+    return torch.where(denom > 0, v0 * tau / safe, fill)
+
+
+def _shifted(v0: float, information: Tensor | None) -> float | Tensor:
+    """The prior variance per direction once isotropic information ``e`` ``(B,)`` is added to every direction's
+    precision: ``1/(1/v0 + e)`` (``v0`` itself without it; THEORY §10.6)."""
+    if information is None:
+        return v0
+    if not bool((information >= 0).all()):
+        raise ValueError("invdefend.risk: extra_information must be >= 0 (NaN refused) per sample")
+    return 1.0 / (1.0 / v0 + information)
+
+
+def _column(v0: float | Tensor) -> float | Tensor:
+    """``v0`` shaped to broadcast against ``(B, k)`` (a per-sample tensor gains a trailing axis)."""
+    return v0.unsqueeze(-1) if isinstance(v0, Tensor) else v0
 
 
 def invloss_from_values(
@@ -121,12 +138,15 @@ def invloss_from_values(
     tail_tau: Tensor | None = None,
     tail_sum: Tensor | None = None,
     rank_bound: int | None = None,
+    extra_information: Tensor | None = None,
 ) -> Tensor:
     """InvLoss ``(B,)`` from top singular values ``(B, k)`` and per-direction noise variances ``(B, k)``.
 
     The unheld directions contribute ``tail_sum`` if given, else the conservative top-k treatment: each of
     the ``rank_bound − k`` unheld directions as if it had ``s_k`` with variance ``tail_tau`` (``(B,)``),
-    and the ``d − rank_bound`` null directions ``v0`` each.
+    and the ``d − rank_bound`` null directions ``v0`` each. ``extra_information`` ``(B,)``: precision added
+    to every input direction (the layer-subset bound, THEORY §10.6; ``v0`` becomes ``1/(1/v0 + e)``
+    everywhere; a ``tail_sum`` must have been evaluated with it).
     """
     s = singular_values
     if s.dim() == 1:
@@ -138,7 +158,8 @@ def invloss_from_values(
     rank_bound = in_dim if rank_bound is None else min(rank_bound, in_dim)
     if k > in_dim:
         raise ValueError(f"invdefend.risk: {k} singular values for an input of dimension {in_dim}")
-    head = _terms(s**2, tau, v0).sum(dim=-1)
+    v0_dir = _shifted(v0, None if extra_information is None else torch.as_tensor(extra_information).to(s))
+    head = _terms(s**2, tau, _column(v0_dir)).sum(dim=-1)
     if tail_sum is not None:
         tail = tail_sum
     else:
@@ -147,8 +168,8 @@ def invloss_from_values(
             raise ValueError("invdefend.risk: tail_tau is needed for the top-k tail treatment")
         tail = torch.zeros_like(head)
         if n_unheld:
-            tail = n_unheld * _terms(s[..., -1] ** 2, tail_tau.to(s), v0)
-        tail = tail + max(in_dim - max(rank_bound, k), 0) * v0
+            tail = n_unheld * _terms(s[..., -1] ** 2, tail_tau.to(s), v0_dir)
+        tail = tail + max(in_dim - max(rank_bound, k), 0) * v0_dir
     return (head + tail) / in_dim
 
 
@@ -158,6 +179,7 @@ def invloss(
     *,
     v0: float | None = None,
     tail: Tail = "auto",
+    extra_information: Tensor | None = None,
 ) -> Tensor:
     """Per-sample InvLoss ``(B,)`` of the samples in ``spectrum`` under ``noise``.
 
@@ -168,6 +190,9 @@ def invloss(
             spectrum of a prior-whitened Jacobian (``spectrum.prior_weights``), which carries its prior.
         tail: ``"slq"`` (use the spectrum's quadrature rule), ``"topk"`` (conservative: unheld directions
             at ``s_k``), or ``"auto"`` (slq when the spectrum has a rule, else topk).
+        extra_information: ``(B,)`` precision added to every input direction (whitened ones for a
+            prior-whitened spectrum), absolute: the bound on what the parameters outside a layer subset add,
+            ``s_R²/σ²`` (:mod:`invdefend.subset`, THEORY §10.6). Default: none.
     """
     noise = noise or NoiseModel()
     v0 = default_prior_variance() if v0 is None else float(v0)
@@ -179,17 +204,21 @@ def invloss(
     if tail == "slq" and spectrum.tail is None and not spectrum.complete:
         raise ValueError("invdefend.risk.invloss: tail='slq' but the spectrum has no quadrature rule; "
                          "estimate it with tail_quadrature or use tail='topk'")
+    info = None if extra_information is None else torch.as_tensor(extra_information).to(s).expand(s.shape[0])
     tail_sum = None
     if use_slq:
         q = spectrum.tail
         assert q is not None
-        tail_v0 = 1.0 if spectrum.prior_weights is not None else v0
+        tail_v0 = _shifted(1.0 if spectrum.prior_weights is not None else v0, info)
+        if isinstance(tail_v0, Tensor):
+            tail_v0 = tail_v0.view(-1, 1, 1).to(q.nodes)
         tail_sum = q.apply(_terms(q.nodes, base.view(-1, 1, 1).to(q.nodes), tail_v0)).to(s)
     if spectrum.prior_weights is not None:
-        return _prior_invloss(spectrum, tau, base, tail_sum)
+        return _prior_invloss(spectrum, tau, base, tail_sum, _shifted(1.0, info))
     rank_bound = spectrum.k if spectrum.complete else spectrum.rank_bound
     return invloss_from_values(
-        s, tau, in_dim=spectrum.in_dim, v0=v0, tail_tau=base, tail_sum=tail_sum, rank_bound=rank_bound
+        s, tau, in_dim=spectrum.in_dim, v0=v0, tail_tau=base, tail_sum=tail_sum, rank_bound=rank_bound,
+        extra_information=info,
     )
 
 
@@ -271,19 +300,22 @@ def invloss_by_group(
     return (head + share * tail_total.unsqueeze(-1)) / (d // groups)
 
 
-def _prior_invloss(spectrum: Spectrum, tau: Tensor, base: Tensor, tail_sum: Tensor | None) -> Tensor:
-    """InvLoss of a prior-whitened spectrum (module docstring): held directions weighted by ``‖A v_i‖²``."""
+def _prior_invloss(
+    spectrum: Spectrum, tau: Tensor, base: Tensor, tail_sum: Tensor | None, unit: float | Tensor = 1.0
+) -> Tensor:
+    """InvLoss of a prior-whitened spectrum (module docstring): held directions weighted by ``‖A v_i‖²``.
+    ``unit``: the whitened prior variance per direction (1, or ``1/(1 + e)`` with extra information ``e``)."""
     s = spectrum.singular_values
     w = spectrum.prior_weights.to(s)  # type: ignore[union-attr]
     trace = float(spectrum.prior_trace)  # type: ignore[arg-type]
-    head = (w * _terms(s**2, tau, 1.0)).sum(dim=-1)
+    head = (w * _terms(s**2, tau, _column(unit))).sum(dim=-1)
     left = (trace - w.sum(dim=-1)).clamp_min(0.0)  # prior variance outside the held directions
     if spectrum.complete:
-        tail = left  # all of it in the null space of J̃
+        tail = left * unit  # all of it in the null space of J̃
     elif tail_sum is not None:
         tail = tail_sum
     else:
-        tail = left * _terms(s[..., -1] ** 2, base.to(s), 1.0)
+        tail = left * _terms(s[..., -1] ** 2, base.to(s), unit)
     return (head + tail) / spectrum.in_dim
 
 
@@ -325,12 +357,14 @@ class RiskEstimate:
         v0: float | None = None,
         dynamic_range: float = 1.0,
         tail: Tail = "auto",
+        extra_information: Tensor | None = None,
     ) -> "RiskEstimate":
-        """Evaluate InvLoss and its reported forms for every sample of ``spectrum``."""
+        """Evaluate InvLoss and its reported forms for every sample of ``spectrum`` (``extra_information``:
+        see :func:`invloss`)."""
         if spectrum.prior_weights is not None:
             v0 = prior_mean_variance(spectrum)  # leakage is relative to the data prior's variance
         v0 = default_prior_variance(dynamic_range) if v0 is None else v0
-        il = invloss(spectrum, noise, v0=v0, tail=tail)
+        il = invloss(spectrum, noise, v0=v0, tail=tail, extra_information=extra_information)
         used = "exact" if spectrum.complete else ("slq" if spectrum.tail is not None and tail != "topk" else "topk")
         return cls(invloss=il, predicted_psnr=predicted_psnr(il, dynamic_range), leakage=leakage(il, v0), tail=used)
 
