@@ -119,7 +119,7 @@ class DemoConfig:
     probes: int = 2
     refresh_every: int = 20
     reconstruct_probe: int = 40
-    faces: int = 4
+    faces: int = 8
     attack_iterations: int = 200
     restarts: int = 4
     threads: int = 1
@@ -336,6 +336,17 @@ def baseline_scores(folds: FoldRuns, report: AuditReport) -> tuple[Tensor, list[
     return mean_face[0], [float(v) for v in psnr(guess, target, max_db=CAP_DB)], [float(v) for v in ssim(guess, target)]
 
 
+def reidentification_ranks(reconstructions: Tensor, originals: Tensor, gallery: Tensor) -> list[int]:
+    """Per reconstruction, the rank of its own original among ``gallery`` (every held-out face, the originals
+    included) by SSIM to the reconstruction: 1 when the rebuild is more like its face than like any other
+    held-out face (re-identified); ``len(gallery) / 2`` on average when it says nothing about which face it was."""
+    ranks = []
+    for rec, own in zip(reconstructions, originals, strict=True):
+        scores = ssim(rec.expand_as(gallery), gallery)
+        ranks.append(1 + int((scores > float(ssim(rec[None], own[None])[0])).sum()))
+    return ranks
+
+
 def _rows(report: AuditReport, defense: str) -> list[Any]:
     return [s for s in report.samples if s.defense == defense]
 
@@ -344,12 +355,15 @@ def summarize(config: DemoConfig, folds: FoldRuns, report: AuditReport, baseline
               ) -> dict[str, Any]:
     """Every figure of the table per run, and the attacked faces', as a JSON-friendly dict."""
     base = statistics.fmean(r.step_time() for r in folds.runs["undefended"])
+    gallery = folds.x_test[folds.y_test == 0]
+    assert report.originals is not None
     out: dict[str, Any] = {}
     for name in config.runs:
         rs = folds.runs[name]
         defense = "none" if name == "undefended" else RUNS[name]
         rows = _rows(report, defense)
         predicted = [min(v, CAP_DB) for r in rs[0].records for v in r.predicted_psnr]
+        ranks = reidentification_ranks(report.reconstructions[defense], report.originals, gallery)
         out[name] = {
             "mechanism": RUNS[name],
             "accuracy": folds.accuracy(name),
@@ -362,6 +376,9 @@ def summarize(config: DemoConfig, folds: FoldRuns, report: AuditReport, baseline
             "faces_noise_energy": [s.relative_noise_energy for s in rows],
             "ssim_mean": statistics.fmean(s.ssim[s.best_attack] for s in rows),
             "ssim_max": max(s.ssim[s.best_attack] for s in rows),
+            "faces_reid_rank": ranks,
+            "reidentified": sum(r == 1 for r in ranks) / len(ranks),
+            "reid_rank_median": statistics.median(ranks),
             "attacked_psnr_mean": statistics.fmean(s.best_psnr for s in rows),
             "predicted_psnr_mean": statistics.fmean(s.predicted_psnr for s in rows),
             "step_time_ratio": statistics.fmean(r.step_time() for r in rs) / base,
@@ -369,25 +386,31 @@ def summarize(config: DemoConfig, folds: FoldRuns, report: AuditReport, baseline
             "fallbacks": sum(r.fallbacks() for r in rs),
             "log_dir": str(rs[0].log_dir),
         }
-    _, b_psnr, b_ssim = baseline
+    mean_face, b_psnr, b_ssim = baseline
+    b_ranks = reidentification_ranks(mean_face.expand_as(report.originals), report.originals, gallery)
     out["average face"] = {"faces_attacked_psnr": b_psnr, "faces_ssim": b_ssim, "ssim_mean": statistics.fmean(b_ssim),
-                           "attacked_psnr_mean": statistics.fmean(b_psnr)}
+                           "attacked_psnr_mean": statistics.fmean(b_psnr), "faces_reid_rank": b_ranks,
+                           "reidentified": sum(r == 1 for r in b_ranks) / len(b_ranks),
+                           "reid_rank_median": statistics.median(b_ranks), "gallery": len(gallery)}
     return out
 
 
 def format_table(summary: dict[str, Any]) -> str:
     """The demo's table: accuracy, InvRE's predicted PSNR and the strongest attack's PSNR and SSIM on the attacked
-    faces, noise energy and step-time ratio, per run."""
-    head = f"{'run':<12}{'accuracy':>9}{'predicted':>11}{'attacked':>10}{'SSIM':>6}{'max':>6}{'noise':>7}{'step time':>11}"
+    faces, how many rebuilt faces re-identify their own face among the held-out ones (:func:`reidentification_ranks`),
+    noise energy and step-time ratio, per run."""
+    head = (f"{'run':<12}{'accuracy':>9}{'predicted':>11}{'attacked':>10}{'SSIM':>6}{'max':>6}{'re-id':>7}"
+            f"{'noise':>7}{'step time':>11}")
     lines = [head, "-" * len(head)]
     for name, s in summary.items():
+        reid = f"{sum(r == 1 for r in s['faces_reid_rank'])}/{len(s['faces_reid_rank'])}"
         if name == "average face":
             lines.append(f"{name:<12}{'':>9}{'':>11}{s['attacked_psnr_mean']:>7.1f} dB{s['ssim_mean']:>6.2f}"
-                         f"{max(s['faces_ssim']):>6.2f}")
+                         f"{max(s['faces_ssim']):>6.2f}{reid:>7}")
             continue
         lines.append(
             f"{name:<12}{s['accuracy']:>8.1%}{s['predicted_psnr_mean']:>8.1f} dB{s['attacked_psnr_mean']:>7.1f} dB"
-            f"{s['ssim_mean']:>6.2f}{s['ssim_max']:>6.2f}{s['noise_energy']:>7.2f}{s['step_time_ratio']:>10.2f}x"
+            f"{s['ssim_mean']:>6.2f}{s['ssim_max']:>6.2f}{reid:>7}{s['noise_energy']:>7.2f}{s['step_time_ratio']:>10.2f}x"
         )
     return "\n".join(lines)
 
@@ -403,12 +426,13 @@ def plot_story(report: AuditReport, baseline: tuple[Tensor, list[float], list[fl
 
     assert report.originals is not None
     mean_face, b_psnr, b_ssim = baseline
+    gallery = summary["average face"]["gallery"]
     names = [n for n in config.runs]
     titles = {"undefended": "rebuilt, undefended", "default": "rebuilt, default defense",
               "isotropic": "rebuilt, isotropic noise"}
     columns = ["original", *names, "average face"]
     n = len(report.originals)
-    fig, axes = plt.subplots(n, len(columns), figsize=(1.9 * len(columns), 2.05 * n + 1.1), squeeze=False)
+    fig, axes = plt.subplots(n, len(columns), figsize=(1.9 * len(columns), 2.25 * n + 1.3), squeeze=False)
     for c, col in enumerate(columns):
         axes[0][c].set_title(titles.get(col, col) if col != "average face" else "average face\n(prior alone)",
                              fontsize=9)
@@ -417,12 +441,14 @@ def plot_story(report: AuditReport, baseline: tuple[Tensor, list[float], list[fl
             if col == "original":
                 img, caption = report.originals[r], f"held-out face {r + 1}"
             elif col == "average face":
-                img, caption = mean_face, f"{b_psnr[r]:.1f} dB / SSIM {b_ssim[r]:.2f}"
+                rank = summary["average face"]["faces_reid_rank"][r]
+                img, caption = mean_face, f"{b_psnr[r]:.1f} dB / SSIM {b_ssim[r]:.2f}\nrank {rank} of {gallery}"
             else:
                 defense = "none" if col == "undefended" else RUNS[col]
                 s = _rows(report, defense)[r]
                 img = report.reconstructions[defense][r]
-                caption = f"{s.best_psnr:.1f} dB / SSIM {s.ssim[s.best_attack]:.2f}"
+                rank = summary[col]["faces_reid_rank"][r]
+                caption = f"{s.best_psnr:.1f} dB / SSIM {s.ssim[s.best_attack]:.2f}\nrank {rank} of {gallery}"
             ax.imshow(img.detach().float().clamp(0, 1)[0].numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -431,7 +457,9 @@ def plot_story(report: AuditReport, baseline: tuple[Tensor, list[float], list[fl
     shaped, floor = DefenseSettings.for_kind("gradient", budget=config.budget).energy_split("gradient")
     fig.suptitle(
         f"A private face rebuilt from its gradient (batch of one, 25×25 LFW) by the strongest of {len(ATTACKS)} attacks\n"
-        f"noise energy {config.budget:g}×‖g‖² (default: {floor:g} isotropic floor + {shaped:g} spectral); accuracy: {acc}",
+        f"noise energy {config.budget:g}×‖g‖² (default: {floor:g} isotropic floor + {shaped:g} spectral); accuracy: {acc}\n"
+        f"rank k of {gallery}: where the true face ranks among the {gallery} held-out faces by SSIM to the image "
+        "(1: re-identified)",
         fontsize=9,
     )
     fig.tight_layout()
@@ -493,8 +521,10 @@ def run_demo(config: DemoConfig | None = None, *, verbose: bool = True) -> DemoR
     say(table)
     say(f"accuracy: {config.folds}-fold cross-validated. predicted: InvRE on the attacked faces' releases; attacked: "
         f"the strongest attack's PSNR (capped at {CAP_DB:g} dB) and SSIM (1 = identical); average face: what an "
-        "attacker with a face prior guesses from no gradient at all. noise: ‖noise‖²/‖ḡ‖² in training; step time: "
-        "relative to the undefended step.")
+        "attacker with a face prior guesses from no gradient at all. re-id: rebuilt faces more like their own face "
+        f"than like any other of the {summary['average face']['gallery']} held-out faces (by SSIM; by chance 1 in "
+        f"{summary['average face']['gallery']} per face). noise: ‖noise‖²/‖ḡ‖² in training; "
+        "step time: relative to the undefended step.")
     say("  " + "; ".join(f"{k}: {v}" for k, v in files.items()) + f"\n  TensorBoard: tensorboard --logdir {out}"
         f"\n  done in {seconds:.0f} s")
     return DemoResult(folds, report, summary, table, files, seconds)

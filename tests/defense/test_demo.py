@@ -17,6 +17,7 @@ from invdefend.demo import (
     DemoConfig,
     face_cnn,
     format_table,
+    reidentification_ranks,
     run_demo,
     train_folds,
 )
@@ -77,6 +78,19 @@ def test_run_demo_writes_the_picture_the_report_and_one_scale(tmp_path, capsys) 
     assert "average face" in table and "accuracy" in table
 
 
+def test_reidentification_ranks_the_own_face_among_the_gallery() -> None:
+    x, y = load_faces()
+    gallery = x[y == 0][:10]
+    originals = gallery[[2, 5]]
+    # An exact (or slightly noisy) rebuild is its own face's best match; a rebuild of another face ranks lower.
+    assert reidentification_ranks(originals.clone(), originals, gallery) == [1, 1]
+    swapped = reidentification_ranks(gallery[[5, 2]], originals, gallery)
+    assert all(r > 1 for r in swapped)
+    noisy = reidentification_ranks(originals + 0.05 * torch.randn(originals.shape, generator=torch.Generator().manual_seed(0)),
+                                   originals, gallery)
+    assert noisy == [1, 1]
+
+
 def test_config_is_validated() -> None:
     with pytest.raises(ValueError, match="'undefended' included"):
         DemoConfig(runs=("default",))
@@ -101,6 +115,8 @@ def test_invdefend_demo_command_end_to_end(tmp_path) -> None:
     assert (out / "report.html").is_file()
     runs = json.loads((out / "summary.json").read_text())["runs"]
     assert min(runs["undefended"]["faces_ssim"]) >= 0.8, runs["undefended"]
+    assert runs["undefended"]["reidentified"] == 1.0  # every undefended rebuild picks out its own face
+    assert max(runs[n]["reidentified"] for n in ("default", "isotropic")) <= 0.5, runs
     floor = runs["average face"]["ssim_mean"]
     for name in ("default", "isotropic"):
         assert runs[name]["ssim_mean"] < floor + 0.15, (name, runs[name]["faces_ssim"], floor)
