@@ -30,7 +30,7 @@ from . import attacks
 from .attacks import model_gradient
 from .defense import GradientDefense
 from .jacobian import gradient_jacobian
-from .metrics import psnr, ssim
+from .metrics import PSNR_CAP_DB, psnr, ssim
 from .noise_law import BandPassLaw, NoiseCovariance
 from .prior import GaussianPrior
 from .risk import DEFAULT_RHO, NoiseModel, invloss, predicted_psnr
@@ -297,7 +297,7 @@ def audit(
     defenses: Sequence[str] = ("none", "spectral"),
     budget: float = 0.05,
     iterations: int = 200,
-    cap_db: float = 60.0,
+    cap_db: float = PSNR_CAP_DB,
     seed: int = 0,
     k: int = 8,
     floor: float | None = None,

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from .audit import AuditReport, audit
 from .data import FACE_LABELS, face_folds, load_faces
 from .defense import DefenseSettings, GradientDefense
-from .metrics import psnr, ssim
+from .metrics import PSNR_CAP_DB, psnr, ssim
 from .models import two_conv_cnn
 from .monitor import ReleaseRecord, RiskMonitor
 from .prior import GaussianPrior
@@ -73,7 +73,7 @@ __all__ = [
 ]
 
 #: PSNR cap (dB) of every figure the demo prints, predicted or attacked: "recovered exactly".
-CAP_DB: float = 60.0
+CAP_DB: float = PSNR_CAP_DB
 #: The attacks run on every face; the strongest (highest SSIM) counts.
 ATTACKS: tuple[str, ...] = ("ig", "dlg", "aware", "prior", "class_prior")
 #: The demo's runs: run name -> GradientDefense mechanism (``"monitor"``: no noise).

@@ -26,14 +26,15 @@ import torch
 from torch import Tensor, nn
 
 from .attacks import defense_aware_gradient_attack, dlg, model_gradient
-from .metrics import psnr, ssim
+from .metrics import PSNR_CAP_DB, psnr, ssim
 from .noise_law import BandPassLaw, NoiseCovariance, NoiseLaw
 from .prior import GaussianPrior
 
 __all__ = ["MAX_PSNR_DB", "ProbeReconstruction", "reconstruct_probe", "release_law"]
 
-#: PSNR of an exact reconstruction is +inf; it is reported as this many dB (a finite point in TensorBoard).
-MAX_PSNR_DB = 100.0
+#: PSNR of an exact reconstruction is +inf; it is reported as this many dB (a finite point in TensorBoard), the
+#: cap every report of the library uses (:data:`invdefend.metrics.PSNR_CAP_DB`).
+MAX_PSNR_DB = PSNR_CAP_DB
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,8 @@ def test_train_folds_logs_the_first_fold_with_probe_images(tmp_path) -> None:
         assert len(r.records) == len(r.step_seconds) == steps and r.tested == 40
         assert list(r.log_dir.glob("events.out.tfevents.*"))
     assert plain.noise_energy() == 0.0 and defended.noise_energy() == pytest.approx(config.budget, rel=0.2)
+    probes = [r.extra["probe_attack"]["psnr"] for run in (plain, defended) for r in run.records if "probe_attack" in r.extra]
+    assert probes and max(probes) <= CAP_DB  # the TensorBoard probe shares the demo's one scale
     acc = event_accumulator.EventAccumulator(str(defended.log_dir), size_guidance={event_accumulator.IMAGES: 0})
     tags = acc.Reload().Tags()
     assert "invdefend/gradient/probe/reconstruction" in tags["images"]
