@@ -25,18 +25,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
-import resource
 import sys
 import time
 from typing import Any
 
+from scale import (  # benchmarks/ is on sys.path when a script here runs
+    peak_gb,
+    run_in_fresh_process,
+)
+
 SUBSET = ("stages.3", "classifier")
 RELATIVE_NOISE = (0.0, 1e-4, 1e-2, 1.0, 100.0)
-
-
-def _peak_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: kilobytes
 
 
 def _measure(which: str, samples: int, tail: str, rest_steps: int, subset: list[str], queue: Any) -> None:
@@ -80,22 +79,12 @@ def _measure(which: str, samples: int, tail: str, rest_steps: int, subset: list[
             psnr[r].append(float(risk.predicted_psnr[0]))
         if rest is not None:
             rest_norms.append(float(rest.norm[0]))
-    queue.put({"seconds_per_sample": sum(seconds) / samples, "seconds": seconds, "peak_gb": _peak_gb(),
+    queue.put({"seconds_per_sample": sum(seconds) / samples, "seconds": seconds, "peak_gb": peak_gb(),
                "rest_seconds_per_sample": sum(rest_seconds) / samples if params else 0.0, "sweeps": spec.sweeps,
                "parameters": sum(p.numel() for p in model.parameters()), "rows": spec.out_dim,
                "psnr": {str(r): v for r, v in psnr.items()},
                "subset_alone_psnr": {str(r): v for r, v in alone.items()} if params else None,
                "rest_bound": rest_norms or None})
-
-
-def _run(*args: Any) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_measure, args=(*args, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
 
 
 def _mean(values: list[float]) -> float:
@@ -115,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"model": "ResNet18(width=16)", "params": subset, "samples": args.samples,
                            "tail": args.tail, "rest_steps": args.rest_steps, "threads": 1}
     for which in ("whole", "subset"):
-        res = _run(which, args.samples, args.tail, args.rest_steps, subset)
+        res = run_in_fresh_process(_measure, which, args.samples, args.tail, args.rest_steps, subset)
         out[which] = res
         print(f"{which}: {res['rows']} gradient rows, {res['seconds_per_sample']:.1f} s/sample (the rest's norm "
               f"{res['rest_seconds_per_sample']:.1f} s of it), peak {res['peak_gb']:.2f} GB", flush=True)

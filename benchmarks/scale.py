@@ -72,7 +72,8 @@ def _build(name: str) -> tuple[Any, Any, dict[str, Any]]:
     return model, make_images, {}
 
 
-def _peak_gb() -> float:
+def peak_gb() -> float:
+    """This process's peak resident memory in GB (``ru_maxrss``, kilobytes on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: kilobytes
 
 
@@ -100,7 +101,7 @@ def _invre(name: str, tail: str, queue: Any) -> None:
         report = InvRE(model, nn.CrossEntropyLoss(), k=16, prior="iid", tail=tail).assess(x, y)
         seconds = time.perf_counter() - t0
         sweeps = report.estimator.get("sweeps_max")
-    queue.put({"seconds": seconds, "peak_gb": _peak_gb(), "sweeps": sweeps,
+    queue.put({"seconds": seconds, "peak_gb": peak_gb(), "sweeps": sweeps,
                "parameters": sum(p.numel() for p in model.parameters())})
 
 
@@ -150,7 +151,7 @@ def _defense(name: str, steps: int, queue: Any) -> None:
         "defended_over_plain": (cold + (R - 1) * b) / (R * p),
         "defended_over_plain_warm": (warm + (R - 1) * b) / (R * p),
         "between_over_plain": b / p,
-        "peak_gb": _peak_gb(),
+        "peak_gb": peak_gb(),
         "fallback_steps": sum(r.fallback for r in records),
         "refreshes": len(refreshes),
         "refresh_starts": [r.estimator_start for r in refreshes],
@@ -159,7 +160,8 @@ def _defense(name: str, steps: int, queue: Any) -> None:
     })
 
 
-def _run(target: Any, *args: Any) -> dict[str, Any]:
+def run_in_fresh_process(target: Any, *args: Any) -> dict[str, Any]:
+    """``target(*args, queue)`` in a spawned process (its own peak memory); returns what it put on the queue."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=target, args=(*args, queue))
@@ -178,14 +180,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"threads": 1, "batch": BATCH, "refresh_every": REFRESH_EVERY, "details": {}}
     t_start = time.perf_counter()
     for name in args.models:
-        inv = _run(_invre, name, "topk")
+        inv = run_in_fresh_process(_invre, name, "topk")
         print(f"{name}: InvRE top-16 (top-k tail) {inv['seconds']:.1f} s/sample, peak {inv['peak_gb']:.2f} GB",
               flush=True)
-        slq = None if args.skip_slq else _run(_invre, name, "slq")
+        slq = None if args.skip_slq else run_in_fresh_process(_invre, name, "slq")
         if slq:
             print(f"{name}: InvRE top-16 + SLQ tail {slq['seconds']:.1f} s/sample, peak {slq['peak_gb']:.2f} GB",
                   flush=True)
-        dfn = _run(_defense, name, args.steps)
+        dfn = run_in_fresh_process(_defense, name, args.steps)
         print(f"{name}: defended/plain {dfn['defended_over_plain']:.2f} (cold refresh included; warm periods "
               f"{dfn['defended_over_plain_warm']:.2f}), plain step {dfn['plain_s']:.3f} s, cold refresh "
               f"{dfn['cold_refresh_s']:.1f} s, warm {dfn['warm_refresh_s']:.1f} s, peak {dfn['peak_gb']:.2f} GB, "
