@@ -197,11 +197,16 @@ class FoldRuns:
         return sum(r.correct for r in rs) / sum(r.tested for r in rs)
 
 
-def _split(fold: int, folds: int, seed: int) -> tuple[Tensor, Tensor]:
-    """(train indices, test indices) of ``fold``; one fold: a stratified 160 / 40 split."""
+def fold_data(folds: int, seed: int) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """``(x_train, y_train, x_test, y_test)`` of every fold, the faces loaded once; one fold: a stratified
+    160 / 40 split (the first of five)."""
+    x, y = load_faces()
     parts = face_folds(5 if folds == 1 else folds, seed)
-    test = parts[fold]
-    return torch.cat([p for j, p in enumerate(parts) if j != fold]), test
+    out = []
+    for fold in range(folds):
+        train, test = torch.cat([p for j, p in enumerate(parts) if j != fold]), parts[fold]
+        out.append((x[train], y[train], x[test], y[test]))
+    return out
 
 
 def _flip(x: Tensor, gen: torch.Generator) -> Tensor:
@@ -281,28 +286,25 @@ def _correct(model: nn.Module, x: Tensor, y: Tensor) -> int:
     return right
 
 
-def train_fold(config: DemoConfig, fold: int, initial: nn.Module) -> tuple[dict[str, RunResult], tuple[Tensor, ...]]:
-    """Every run of ``config`` on ``fold`` from ``initial``; fold 0 logs to TensorBoard."""
-    x, y = load_faces()
-    train, test = _split(fold, config.folds, config.seed)
-    data = (x[train], y[train], x[test], y[test])
-    runs = {name: train_run(name, config, data, initial, Path(config.out) / name if fold == 0 else None)
+def train_fold(
+    config: DemoConfig, fold: int, initial: nn.Module, data: tuple[Tensor, Tensor, Tensor, Tensor]
+) -> dict[str, RunResult]:
+    """Every run of ``config`` on ``fold``'s ``data`` (:func:`fold_data`) from ``initial``; fold 0 logs to
+    TensorBoard."""
+    return {name: train_run(name, config, data, initial, Path(config.out) / name if fold == 0 else None)
             for name in config.runs}
-    return runs, data
 
 
 def train_folds(config: DemoConfig) -> FoldRuns:
     """Train every run on every fold (the same initial weights and batch order throughout)."""
     torch.manual_seed(config.seed)
     initial = face_cnn()
+    splits = fold_data(config.folds, config.seed)
     runs: dict[str, list[RunResult]] = {name: [] for name in config.runs}
-    first: tuple[Tensor, ...] = ()
-    for fold in range(config.folds):
-        fold_runs, data = train_fold(config, fold, initial)
-        first = first or data
-        for name, r in fold_runs.items():
+    for fold, data in enumerate(splits):
+        for name, r in train_fold(config, fold, initial, data).items():
             runs[name].append(r)
-    return FoldRuns(runs, *first, initial=initial)
+    return FoldRuns(runs, *splits[0], initial=initial)
 
 
 def _priors(x_train: Tensor, y_train: Tensor) -> tuple[GaussianPrior, dict[int, GaussianPrior]]:
