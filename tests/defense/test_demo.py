@@ -64,6 +64,7 @@ def test_run_demo_writes_the_picture_the_report_and_one_scale(tmp_path, capsys) 
     assert result.files["picture"].read_bytes()[:8] == PNG_MAGIC
     html = result.files["report"].read_text()
     assert "data:image/png;base64," in html and "http://" not in html.replace("http://www.w3.org", "")
+    assert "risk over training: the default run" in html  # the default defense's history, not the last run's
     summary = json.loads(result.files["summary"].read_text())
     runs = summary["runs"]
     assert set(runs) == {"undefended", "default", "isotropic", "average face"}
