@@ -41,6 +41,8 @@ __all__ = [
     "ATTACKS",
     "DEFENSES",
     "SELECT_BY",
+    "MIN_CLASS_SAMPLES",
+    "fit_attacker_priors",
     "SampleAudit",
     "AuditReport",
     "released_gradient",
@@ -60,6 +62,8 @@ __all__ = [
 #: prior for every sample, or one per label (the attacker reads the label off the gradient, iDLG); like
 #: ``"aware"`` they run only where a defense adds noise.
 ATTACKS: tuple[str, ...] = ("dlg", "ig", "idlg", "aware", "prior", "class_prior")
+#: Calibration samples a label needs for its own prior (``class_prior``); fewer: the data prior stands in.
+MIN_CLASS_SAMPLES: int = 16
 #: What picks a sample's strongest attack: the highest PSNR, or the highest SSIM.
 SELECT_BY: tuple[str, ...] = ("psnr", "ssim")
 #: Defenses :func:`audit` can put on the release.
@@ -285,6 +289,25 @@ def _run_attack(
             prior=chosen, seed=seed,
         ).reconstruction
     raise ValueError(f"invdefend.audit: unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
+
+
+def fit_attacker_priors(
+    calibration: Tensor, labels: Tensor | None, audited_labels: Tensor
+) -> tuple[GaussianPrior, dict[int, GaussianPrior]]:
+    """The prior attacks' image priors, fitted on ``calibration`` (never the audited samples): one over all of
+    it, and one per audited label from that label's calibration samples (the data prior stands in, with a
+    notice, for a label with fewer than :data:`MIN_CLASS_SAMPLES`, or when the data has no labels)."""
+    prior = GaussianPrior.fit(calibration.double())
+    per_label: dict[int, GaussianPrior] = {}
+    for label in sorted({int(v) for v in audited_labels}):
+        own = calibration[labels == label] if labels is not None else calibration[:0]
+        if len(own) >= MIN_CLASS_SAMPLES:
+            per_label[label] = GaussianPrior.fit(own.double())
+        else:
+            per_label[label] = prior
+            print(f"invdefend audit: label {label} has {len(own)} calibration samples (< {MIN_CLASS_SAMPLES}); "
+                  "class_prior uses the data prior for it")
+    return prior, per_label
 
 
 def audit(

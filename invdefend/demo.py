@@ -46,13 +46,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .audit import AuditReport, audit
+from .audit import AuditReport, audit, fit_attacker_priors
 from .data import FACE_LABELS, face_folds, load_faces
 from .defense import DefenseSettings, GradientDefense
 from .metrics import PSNR_CAP_DB, psnr, ssim
 from .models import two_conv_cnn
 from .monitor import ReleaseRecord, RiskMonitor
-from .prior import GaussianPrior
 
 __all__ = [
     "ATTACKS",
@@ -307,21 +306,16 @@ def train_folds(config: DemoConfig) -> FoldRuns:
     return FoldRuns(runs, *splits[0], initial=initial)
 
 
-def _priors(x_train: Tensor, y_train: Tensor) -> tuple[GaussianPrior, dict[int, GaussianPrior]]:
-    """The attacker's image prior on the training images, and one per label (never the attacked faces)."""
-    data = GaussianPrior.fit(x_train.double())
-    per_label = {int(c): GaussianPrior.fit(x_train[y_train == c].double()) for c in y_train.unique()}
-    return data, per_label
-
-
 def attack_faces(config: DemoConfig, folds: FoldRuns, progress: Callable[[str], None] | None = None) -> AuditReport:
     """Attack ``config.faces`` held-out faces' batch-of-one gradients at the initial weights, undefended and under
     each noisy run's defense at ``config.budget``; every attack of :data:`ATTACKS`, strongest by SSIM."""
     faces = folds.x_test[folds.y_test == 0][: config.faces]
-    prior, class_priors = _priors(folds.x_train, folds.y_train)
+    labels = torch.zeros(len(faces), dtype=torch.long)
+    # The attacker's image prior on the training images, and a face prior (never the attacked faces).
+    prior, class_priors = fit_attacker_priors(folds.x_train, folds.y_train, labels)
     defenses = [RUNS[name] if name != "undefended" else "none" for name in config.runs]
     return audit(
-        copy.deepcopy(folds.initial).eval(), nn.functional.cross_entropy, faces, torch.zeros(len(faces), dtype=torch.long),
+        copy.deepcopy(folds.initial).eval(), nn.functional.cross_entropy, faces, labels,
         attacks=ATTACKS, defenses=defenses, budget=config.budget, iterations=config.attack_iterations, cap_db=CAP_DB,
         seed=config.seed, prior=prior, class_priors=class_priors, select_by="ssim", restarts=config.restarts,
         progress=progress,

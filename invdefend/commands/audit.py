@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from ..invre import MIN_PRIOR_SAMPLES
-from ..prior import DEFAULT_RANK, GaussianPrior
 from .assess import (
     add_model_and_data_arguments,
     build_model,
@@ -21,13 +20,12 @@ from .assess import (
 )
 from .errors import choose_from, require, require_at_least
 
-__all__ = ["add_parser", "run", "DEFAULT_ATTACKS", "fit_attacker_priors"]
+__all__ = ["add_parser", "run", "DEFAULT_ATTACKS"]
 
 #: The attacks ``invdefend audit`` runs unless ``--attacks`` says otherwise: the whole suite but iDLG (whose
 #: label recovery the others do not need: the label is given).
 DEFAULT_ATTACKS = "dlg,ig,aware,prior,class_prior"
-#: Calibration samples a label needs for its own prior (``class_prior``); fewer: the data prior stands in.
-MIN_CLASS_SAMPLES = 16
+
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -87,28 +85,9 @@ def check_arguments(args: argparse.Namespace) -> list[str]:
     return choose_from((a.strip() for a in given.split(",") if a.strip()), ATTACKS, "--attacks", given)
 
 
-def fit_attacker_priors(
-    calibration: torch.Tensor, labels: torch.Tensor | None, audited_labels: torch.Tensor
-) -> tuple[GaussianPrior, dict[int, GaussianPrior]]:
-    """The prior attacks' image priors, fitted on ``calibration`` (never the audited samples): one over all of
-    it, and one per audited label from that label's calibration samples (the data prior stands in, with a
-    notice, for a label with fewer than :data:`MIN_CLASS_SAMPLES`, or when the data has no labels)."""
-    prior = GaussianPrior.fit(calibration.double(), min(DEFAULT_RANK, len(calibration) - 1))
-    per_label: dict[int, GaussianPrior] = {}
-    for label in sorted({int(v) for v in audited_labels}):
-        own = calibration[labels == label] if labels is not None else calibration[:0]
-        if len(own) >= MIN_CLASS_SAMPLES:
-            per_label[label] = GaussianPrior.fit(own.double(), min(DEFAULT_RANK, len(own) - 1))
-        else:
-            per_label[label] = prior
-            print(f"invdefend audit: label {label} has {len(own)} calibration samples (< {MIN_CLASS_SAMPLES}); "
-                  "class_prior uses the data prior for it")
-    return prior, per_label
-
-
 def run(args: argparse.Namespace) -> int:
     """Build the model and data, run the audit, print a summary and write the files."""
-    from ..audit import audit, format_summary, save_audit
+    from ..audit import audit, fit_attacker_priors, format_summary, save_audit
 
     attacks = check_arguments(args)
     torch.manual_seed(args.seed)  # a factory that draws random weights gives the same model every run
@@ -118,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     extra = args.prior_samples if with_prior else 0
     x_all, y_all = load_data(args.data, args.num_samples + extra, x_key=args.x_key, y_key=args.y_key, seed=args.seed,
                              command="audit")
-    n = samples_used(min(len(x_all), args.num_samples), args.num_samples, args.data, "audit")
+    n = samples_used(len(x_all), args.num_samples, args.data, "audit")
     x, y = x_all[:n], None if y_all is None else y_all[:n]
     output = first_output(model, x)
     if y is None:
