@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..jacobian import embedding_jacobian
-from ..monitor import HParam, ReleaseRecord, RiskMonitor, hparam_values
+from ..monitor import HParam, ReleaseRecord, RiskMonitor
 from ..noise import NoiseSource, shaped_noise
 from ..noise_law import NoiseCovariance
 from ..placements import NoisePlan, Placement, PlanContext
@@ -33,7 +33,7 @@ from ..spectral import Spectrum, SpectrumTracker, check_estimate
 from ..whitened import WhitenedOperator
 from .checks import DefenseError, check_batch, check_model, risk_fields
 from .prior_source import prior_source
-from .settings import DefenseSettings, SettingsAccess, pipeline_parts
+from .settings import DefenseSettings, SettingsAccess, pipeline_parts, settings_hparams
 
 __all__ = ["EmbeddingDefense"]
 
@@ -102,9 +102,7 @@ class EmbeddingDefense(SettingsAccess):
     def hparams(self) -> dict[str, HParam]:
         """The settings as TensorBoard hparams (``str``/``int``/``float``/``bool`` only), with the placement,
         the resolved ``floor`` and the prior's kind (``"iid"``, ``"data"``, ``"online"``)."""
-        return hparam_values(self.settings, kind=self.kind, mechanism=self.mechanism,
-                             placement=type(self.placement).__name__, floor=self.settings.energy_split(self.kind)[1],
-                             prior=self.prior_source.label.split(" ")[0])
+        return settings_hparams(self.settings, self.kind, self.placement, self.prior_source.label)
 
     # -- capture (the hook) -------------------------------------------------------------------------------
     def attach(self) -> "EmbeddingDefense":

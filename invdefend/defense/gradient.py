@@ -72,7 +72,7 @@ from ..jacobian import (
     trainable_parameters,
     training_batch_norms,
 )
-from ..monitor import HParam, ReleaseRecord, RiskMonitor, hparam_values, logger
+from ..monitor import HParam, ReleaseRecord, RiskMonitor, logger
 from ..noise import NoiseSource
 from ..noise_law import NoiseLaw
 from ..placements import NoisePlan, Placement, PlanContext
@@ -84,7 +84,7 @@ from ..spectral import Spectrum, SpectrumTracker, check_estimate
 from ..whitened import WhitenedOperator
 from .checks import DefenseError, check_batch, check_model, risk_fields
 from .prior_source import prior_source
-from .settings import DefenseSettings, SettingsAccess, pipeline_parts
+from .settings import DefenseSettings, SettingsAccess, pipeline_parts, settings_hparams
 
 __all__ = ["GradientDefense", "DefendedOptimizer", "GradientPlan"]
 
@@ -666,9 +666,7 @@ class GradientDefense(SettingsAccess):
     def hparams(self) -> dict[str, HParam]:
         """The settings as TensorBoard hparams (``str``/``int``/``float``/``bool`` only), with the placement,
         the resolved ``floor`` and the prior's kind (``"iid"``, ``"data"``, ``"online"``)."""
-        return hparam_values(self.settings, kind=self.kind, mechanism=self.mechanism,
-                             placement=type(self.placement).__name__, floor=self.settings.energy_split(self.kind)[1],
-                             prior=self.prior_source.label.split(" ")[0])
+        return settings_hparams(self.settings, self.kind, self.placement, self.prior_source.label)
 
     def _reconstruct_probe(self, inputs: Tensor, targets: Tensor) -> ProbeReconstruction | None:
         """The ``reconstruct_probe`` diagnostic at a refresh: a probe of this batch released alone under the law

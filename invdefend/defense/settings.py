@@ -8,12 +8,14 @@ from typing import Any, Literal
 
 import torch
 
+from ..monitor import HParam, hparam_values
 from ..noise import NoiseSource, make_noise_source
 from ..placements import Placement, compose, get_placement
 from ..risk import DEFAULT_RHO, default_prior_variance, target_invloss
 from .checks import check_placement
 
 __all__ = [
+    "settings_hparams",
     "DefenseSettings", "SettingsAccess", "PipelineParts", "pipeline_parts", "GRADIENT_DEFAULTS", "EMBEDDING_DEFAULTS",
     "check_budget",
 ]
@@ -295,3 +297,11 @@ EMBEDDING_DEFAULTS: dict[str, Any] = dict(
     budget=0.1, max_budget=10.0, k=32, exact_max_dim=256, sweeps=8, cold_sweeps=8, oversample=16,
     fallback_minimum=0.5,
 )
+
+
+def settings_hparams(settings: DefenseSettings, kind: str, placement: Placement, prior_label: str) -> dict[str, HParam]:
+    """A defense's settings as TensorBoard hparams (``str``/``int``/``float``/``bool`` only), with its placement,
+    the resolved ``floor`` and the prior's kind (the first word of ``prior_label``: ``"iid"``, ``"data"``,
+    ``"online"``)."""
+    return hparam_values(settings, kind=kind, mechanism=settings.mechanism, placement=type(placement).__name__,
+                         floor=settings.energy_split(kind)[1], prior=prior_label.split(" ")[0])
