@@ -118,3 +118,24 @@ def test_lanczos_stops_at_an_invariant_subspace_only_when_asked() -> None:
     quad = norm.pow(2) * (Y[..., 0, :].pow(2) * th).sum(-1)
     exact = torch.einsum("bdp,de,bep->bp", start, A, start)
     assert torch.allclose(quad, exact, rtol=1e-10)
+
+
+def test_a_cold_start_stops_once_trusted_with_a_2x_margin_and_warm_sweeps_iterate_to_tol() -> None:
+    """The cold start (a random block, the run's most expensive estimate) stops at backward error
+    ``max_residual / 2`` even on a small model; the warm refresh after it keeps iterating to ``tol``."""
+    from invdefend.spectral import topk_spectrum
+
+    op = _op(d=60, m=80, seed=1)
+    to_tol = topk_spectrum(op, 4, oversample=1, max_sweeps=30, generator=torch.Generator().manual_seed(0))
+    tracker = SpectrumTracker(4, oversample=1, sweeps=30, cold_sweeps=30, max_residual=0.2,
+                              generator=torch.Generator().manual_seed(0))
+    cold = tracker.estimate(op)
+    assert cold.extra["start"] == "cold"
+    assert estimator_error(cold) <= 0.1 < estimator_error(to_tol) + 0.1
+    assert cold.sweeps < to_tol.sweeps, (cold.sweeps, to_tol.sweeps)
+    tracker.accept(cold)
+    warm = tracker.estimate(op)
+    assert warm.extra["start"] == "warm"
+    rel = (warm.residuals * 1.0).max()
+    assert float(rel) <= 1e-2 + 1e-12  # every top-k pair to tol, beyond the trust margin
+    assert estimator_error(warm) < estimator_error(cold)

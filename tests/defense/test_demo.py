@@ -118,7 +118,9 @@ def test_invdefend_demo_command_end_to_end(tmp_path) -> None:
     assert (out / "report.html").is_file()
     runs = json.loads((out / "summary.json").read_text())["runs"]
     assert min(runs["undefended"]["faces_ssim"]) >= 0.8, runs["undefended"]
-    assert runs["undefended"]["reidentified"] == 1.0  # every undefended rebuild picks out its own face
+    # Undefended rebuilds pick out their own face among 20 (chance: 1 in 20). All 8 on one CPU, 7 of 8 on another
+    # (the attack's L-BFGS path differs in the last bits; the miss still had SSIM 0.83).
+    assert runs["undefended"]["reidentified"] >= 0.75, runs["undefended"]
     assert max(runs[n]["reidentified"] for n in ("default", "isotropic")) <= 0.5, runs
     floor = runs["average face"]["ssim_mean"]
     for name in ("default", "isotropic"):
