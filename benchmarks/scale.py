@@ -48,7 +48,7 @@ BATCH = 32
 MODEL_NAMES = ("resnet18", "resnet18_w16", "vit_tiny", "text")
 
 
-def _build(name: str) -> tuple[Any, Any, dict[str, Any]]:
+def build_model(name: str) -> tuple[Any, Any, dict[str, Any]]:
     """The model, a batch-maker ``make(n) -> (inputs, targets)`` and the defense's extra arguments."""
     import torch
 
@@ -85,7 +85,7 @@ def _invre(name: str, tail: str, queue: Any) -> None:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model, make, extra = _build(name)
+    model, make, extra = build_model(name)
     model.eval()
     x, y = make(1)
     if "embedding_module" in extra:  # token ids: the estimate is taken on the embedding module's output
@@ -115,7 +115,7 @@ def _defense(name: str, steps: int, queue: Any) -> None:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model, make, extra = _build(name)
+    model, make, extra = build_model(name)
     plain_model = copy.deepcopy(model)
     loss = nn.CrossEntropyLoss()
     plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.01)

@@ -30,6 +30,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from .heap import with_heap_reuse
+
 __all__ = [
     "JacobianOperator",
     "JacobianError",
@@ -350,6 +352,7 @@ class JacobianOperator:
         return vmap(lambda u: pullback(u)[0].reshape(-1), in_dims=1, out_dims=1)(U)
 
     # -- batching with a fallback -----------------------------------------------------------------------
+    @with_heap_reuse
     def _apply(self, per_sample: Callable[..., Tensor], block: Tensor) -> Tensor:
         """``per_sample(x_i, extra_i, block_i)`` for every sample, stacked; vmapped over samples, in chunks
         of samples and block columns small enough that one chunk's intermediates (each column carries

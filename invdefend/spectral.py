@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from .heap import with_heap_reuse
 from .jacobian import JacobianOperator
 from .prior import GaussianPrior
 from .whitened import WhitenedOperator
@@ -180,6 +181,7 @@ def _generator_for(device: torch.device, generator: torch.Generator | None) -> t
     return torch.Generator(device=device).manual_seed(0)
 
 
+@with_heap_reuse
 def exact_spectrum(
     op: JacobianOperator, k: int | None = None, *, chunk: int = 256, dtype: torch.dtype | None = None
 ) -> Spectrum:
@@ -237,6 +239,7 @@ def _orthonormalise(block: Tensor, against: Tensor | None) -> Tensor:
     return block
 
 
+@with_heap_reuse
 def topk_spectrum(
     op: JacobianOperator,
     k: int = 16,
@@ -381,6 +384,7 @@ def topk_spectrum(
     )
 
 
+@with_heap_reuse
 def tail_quadrature(
     op: JacobianOperator,
     spectrum: Spectrum,
@@ -616,6 +620,7 @@ class SpectrumTracker:
         self.generator = generator
         self.previous: Spectrum | None = None  # the last trusted estimate (the next warm start)
 
+    @with_heap_reuse
     def estimate(self, op: JacobianOperator | WhitenedOperator) -> Spectrum:
         """The spectrum of ``op`` (exact, warm or cold top-k; ``extra["start"]`` says which), unchecked.
 

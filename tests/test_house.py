@@ -18,7 +18,7 @@ SOURCES = sorted([*PACKAGE.rglob("*.py"), *(ROOT / "integrations").glob("*.py"),
 
 #: The layers of the core, bottom first: a module may import its own layer and those below, never above.
 LAYERS: dict[str, int] = {
-    "_version": 0, "stats": 0, "models": 0, "data": 0, "metrics": 0, "prior": 0,
+    "_version": 0, "stats": 0, "models": 0, "data": 0, "metrics": 0, "prior": 0, "heap": 0,
     "jacobian": 1, "whitened": 1,
     "spectral": 2,
     "risk": 3, "allocation": 3, "noise": 3,
