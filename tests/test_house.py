@@ -151,49 +151,55 @@ def test_a_new_placement_is_one_class_and_its_registration(tiny_problem) -> None
     """A toy placement — all its energy on each probe's *strongest* direction — registered in this file
     alone, runs in GradientDefense by name, with a floor and in target mode, and its law is public."""
     from invdefend import GradientDefense, NoiseCovariance
-    from invdefend.placements import NoisePlan, Placement, PlanContext, available, register
+    from invdefend.placements import NoisePlan, Placement, PlanContext, available, register, unregister
 
     name = "toy_top1"
-    if name not in available():
+    assert name not in available()
 
-        @register(name)
-        @dataclass(frozen=True, repr=False)
-        class TopOne(Placement):
-            budget: float | torch.Tensor = 0.05
+    @register(name)
+    @dataclass(frozen=True, repr=False)
+    class TopOne(Placement):
+        budget: float | torch.Tensor = 0.05
 
-            def plan(self, ctx: PlanContext, prior: NoisePlan | None = None) -> NoisePlan:
-                prior = prior if prior is not None else ctx.nothing()
-                tau = torch.zeros_like(ctx.singular_values)
-                tau[:, 0] = ctx.scale * self.budget * ctx.energy / ctx.shares
-                return prior.add_shaped(tau)
+        def plan(self, ctx: PlanContext, prior: NoisePlan | None = None) -> NoisePlan:
+            prior = prior if prior is not None else ctx.nothing()
+            tau = torch.zeros_like(ctx.singular_values)
+            tau[:, 0] = ctx.scale * self.budget * ctx.energy / ctx.shares
+            return prior.add_shaped(tau)
 
-            def with_budget(self, budget: float | torch.Tensor) -> "TopOne":
-                return TopOne(budget)
+        def with_budget(self, budget: float | torch.Tensor) -> "TopOne":
+            return TopOne(budget)
 
-    model, loss, x, y = tiny_problem
-    defense = GradientDefense(model, loss, mechanism=name, budget=0.3, floor=0.01, k=4, probes=1, seed=0,
-                              capture=False)
-    defense.capture(x, y)
-    model.zero_grad()
-    loss(model(x), y).backward()
-    g = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone()
-    record = defense.protect()
-    assert record.mechanism == name and not record.fallback
-    delta = torch.cat([p.grad.reshape(-1) for p in model.parameters()]) - g
-    u1 = defense.spectrum.left_vectors[0, :, 0]
-    law = defense.noise_law()
-    assert isinstance(law, NoiseCovariance)
-    G = float(g @ g)
-    # All of the shaped energy is on u1, which carries B² per-sample scaling divided back out: 0.3·‖ḡ‖².
-    assert float(law.tau.sum()) == pytest.approx(0.3 * G, rel=1e-9)
-    assert float(law.tau[0]) == pytest.approx(0.3 * G, rel=1e-9)
-    assert law.sigma2_iso == pytest.approx(0.01 * G / g.numel(), rel=1e-9)
-    along = float(delta.double() @ u1.double()) ** 2
-    assert along > 0 and record.budget == pytest.approx(0.31, rel=1e-9)
-    # target mode wraps it by name too
-    target = GradientDefense(model, loss, mechanism=name, target_psnr=30.0, k=4, probes=1, seed=0, capture=False)
-    target.capture(x, y)
-    assert target.protect().target_reached is not None
+    try:
+        model, loss, x, y = tiny_problem
+        defense = GradientDefense(model, loss, mechanism=name, budget=0.3, floor=0.01, k=4, probes=1, seed=0,
+                                  capture=False)
+        defense.capture(x, y)
+        model.zero_grad()
+        loss(model(x), y).backward()
+        g = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone()
+        record = defense.protect()
+        assert record.mechanism == name and not record.fallback
+        delta = torch.cat([p.grad.reshape(-1) for p in model.parameters()]) - g
+        u1 = defense.spectrum.left_vectors[0, :, 0]
+        law = defense.noise_law()
+        assert isinstance(law, NoiseCovariance)
+        G = float(g @ g)
+        # All of the shaped energy is on u1, which carries B² per-sample scaling divided back out: 0.3·‖ḡ‖².
+        assert float(law.tau.sum()) == pytest.approx(0.3 * G, rel=1e-9)
+        assert float(law.tau[0]) == pytest.approx(0.3 * G, rel=1e-9)
+        assert law.sigma2_iso == pytest.approx(0.01 * G / g.numel(), rel=1e-9)
+        along = float(delta.double() @ u1.double()) ** 2
+        assert along > 0 and record.budget == pytest.approx(0.31, rel=1e-9)
+        # target mode wraps it by name too
+        target = GradientDefense(model, loss, mechanism=name, target_psnr=30.0, k=4, probes=1, seed=0, capture=False)
+        target.capture(x, y)
+        assert target.protect().target_reached is not None
+    finally:  # the registry is process-wide: leave it as the other tests expect it
+        unregister(name)
+    assert name not in available()
+    with pytest.raises(ValueError, match="library's own"):
+        unregister("isotropic")
 
 
 def test_a_placement_object_is_checked_against_the_release_kind() -> None:

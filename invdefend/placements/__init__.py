@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 __all__ = [
-    "register", "get_placement", "available", "compose",
+    "register", "unregister", "get_placement", "available", "compose",
     "Placement", "PlanContext", "NoisePlan", "Chain", "Target", "Isotropic", "WaterFilling", "BandPass", "Monitor",
 ]
 
@@ -46,6 +46,16 @@ def register(name: str) -> Callable[[P], P]:
         return cls
 
     return decorate
+
+
+def unregister(name: str) -> None:
+    """Remove the placement registered as ``name`` by :func:`register` (a plugin's or a test's). The library's
+    own placements cannot be removed: other parts of the library name them."""
+    if name not in _REGISTRY:
+        raise ValueError(f"invdefend.placements.unregister: {name!r} is not registered; registered: {available()}")
+    if _REGISTRY[name].__module__.startswith(__name__ + "."):
+        raise ValueError(f"invdefend.placements.unregister: {name!r} is one of the library's own placements")
+    del _REGISTRY[name]
 
 
 def available(kind: str | None = None) -> tuple[str, ...]:
