@@ -504,6 +504,7 @@ def gradient_jacobian(
     embedding_module: str | nn.Module | None = None,
     buffers: dict[str, Tensor] | None = None,
     params: ParamSpec | None = None,
+    dtype: torch.dtype | None = None,
 ) -> JacobianOperator:
     """The Jacobian of each sample's parameter gradient with respect to its input.
 
@@ -531,8 +532,14 @@ def gradient_jacobian(
             :func:`select_parameters`): the operator's rows are theirs, in registration order, the other
             parameters held as constants. A subset alone under-states the risk; :mod:`invdefend.subset` bounds
             what the rest adds (THEORY §10.6).
+        dtype: evaluate in this floating dtype instead of the model's: parameters, buffers and inputs (or, with
+            ``embedding_module``, their embeddings) are cast copies, the model is not modified. ``torch.float64``
+            is the defenses' retry when a float32 estimate is not trusted (round-off: a confidently classified
+            sample's gradient is a difference of nearly equal terms).
     """
     _check_mode("gradient_jacobian", mode)
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"invdefend.gradient_jacobian: dtype={dtype} must be a floating-point dtype")
     if embedding_module is None:
         check_inputs("gradient_jacobian", inputs)
     elif not isinstance(inputs, Tensor) or inputs.dim() < 1 or inputs.shape[0] == 0:
@@ -552,9 +559,12 @@ def gradient_jacobian(
     unknown = sorted(set(buffers or {}) - set(own))
     if unknown:
         raise ValueError(f"invdefend.gradient_jacobian: {type(model).__name__} has no buffers {unknown}")
-    live = {k: v.detach() for k, v in chosen.items()}
-    frozen = {k: v.detach() for k, v in model.named_parameters() if k not in live}
-    buffers = {k: (buffers or {}).get(k, v).detach().clone() for k, v in own.items()}
+    def cast(t: Tensor) -> Tensor:
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    live = {k: cast(v.detach()) for k, v in chosen.items()}
+    frozen = {k: cast(v.detach()) for k, v in model.named_parameters() if k not in live}
+    buffers = {k: cast((buffers or {}).get(k, v).detach().clone()) for k, v in own.items()}
     context = lambda: estimator_context(model, mode)
 
     def call(p: dict[str, Tensor], x: Tensor) -> Tensor:
@@ -565,11 +575,11 @@ def gradient_jacobian(
         def loss_of(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
             return loss_fn(call(p, x), y.unsqueeze(0))
 
-        return JacobianOperator(_flat_gradient(loss_of, live), inputs, (targets,), vectorize=vectorize,
+        return JacobianOperator(_flat_gradient(loss_of, live), cast(inputs), (targets,), vectorize=vectorize,
                                 name="gradient_jacobian", context=context, module=model)
 
     embed = find_module("gradient_jacobian", model, embedding_module)
-    embedded = _module_outputs(model, embed, inputs, context)
+    embedded = cast(_module_outputs(model, embed, inputs, context))
 
     def embedded_loss(p: dict[str, Tensor], e: Tensor, ids: Tensor, y: Tensor) -> Tensor:
         def substitute(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
@@ -681,6 +691,7 @@ def batch_gradient_jacobian(
     index: Tensor | list[int],
     *,
     vectorize: bool | Literal["auto"] = "auto",
+    dtype: torch.dtype | None = None,
 ) -> JacobianOperator:
     """The Jacobian of the gradient a batch actually releases with respect to one of its samples, for models
     whose BatchNorm layers normalise with batch statistics (as they do in training).
@@ -699,6 +710,7 @@ def batch_gradient_jacobian(
         inputs, targets: the whole batch ``(B, ...)``.
         index: the samples whose Jacobians the operator holds.
         vectorize: see :class:`JacobianOperator`.
+        dtype: evaluate in this floating dtype (cast copies), as in :func:`gradient_jacobian`.
     """
     check_inputs("batch_gradient_jacobian", inputs)
     check_dtypes("batch_gradient_jacobian", model, inputs)
@@ -709,10 +721,16 @@ def batch_gradient_jacobian(
     if idx.dim() != 1 or idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= B:
         raise ValueError(f"invdefend.batch_gradient_jacobian: index must list samples of the batch (0..{B - 1}), "
                          f"got {idx.tolist()}")
-    params = {k: v.detach() for k, v in trainable_parameters(model).items()}
-    frozen = {k: v.detach() for k, v in model.named_parameters() if not v.requires_grad}
-    buffers = {k: v.detach() for k, v in model.named_buffers()}
-    X, Y = inputs.detach(), targets.detach()
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"invdefend.batch_gradient_jacobian: dtype={dtype} must be a floating-point dtype")
+
+    def cast(t: Tensor) -> Tensor:
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    params = {k: cast(v.detach()) for k, v in trainable_parameters(model).items()}
+    frozen = {k: cast(v.detach()) for k, v in model.named_parameters() if not v.requires_grad}
+    buffers = {k: cast(v.detach()) for k, v in model.named_buffers()}
+    X, Y = cast(inputs.detach()), targets.detach()
     norms = training_batch_norms(model)
     positions = torch.arange(B, device=X.device)
 

@@ -66,7 +66,8 @@ class ReleaseRecord:
     earlier estimate without re-assessing it.
 
     Typed fields say how the release was made: ``batch_size``; ``estimate_seconds`` (None on steps without an
-    estimate) and ``estimator_start`` (``"exact"``, ``"cold"``, ``"warm"``, ``"warm+extended"``);
+    estimate) and ``estimator_start`` (``"exact"``, ``"cold"``, ``"warm"``, ``"warm+extended"``, each suffixed
+    ``"+float64"`` when a float32 estimate was retaken in float64, :meth:`GradientDefense.estimate`);
     ``risk_noise_model`` (``"full"``, or ``"floor_only"`` when the recorded risk leaves a placement's operator
     noise out); ``risk_estimate_failed`` (why no risk was recorded while the noise was released anyway);
     ``noise_parameters`` (a placement's per-probe draw parameters, e.g. ``{"band_pass_mu": [...]}``) and

@@ -148,6 +148,21 @@ class Spectrum:
         parts = [self.singular_values, self.signal_norm, self.right_vectors, self.left_vectors, self.prior_weights]
         return all(t is None or bool(torch.isfinite(t).all()) for t in parts)
 
+    def to(self, dtype: torch.dtype) -> "Spectrum":
+        """The same spectrum with its floating-point tensors (values, vectors, norms, residuals, prior weights
+        and tensors in ``extra``) in ``dtype``; the quadrature rule and the per-sample rule are kept as they are."""
+        cast = lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t  # noqa: E731
+        return replace(
+            self,
+            singular_values=cast(self.singular_values),
+            right_vectors=cast(self.right_vectors),
+            left_vectors=cast(self.left_vectors),
+            signal_norm=cast(self.signal_norm),
+            residuals=cast(self.residuals),
+            prior_weights=cast(self.prior_weights),
+            extra={key: cast(value) for key, value in self.extra.items()},
+        )
+
     def state_dict(self) -> dict[str, Any]:
         """A checkpointable dict (tensors and plain values); the quadrature rule and ``extra`` are not kept."""
         return {

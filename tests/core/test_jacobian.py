@@ -111,3 +111,18 @@ def test_bad_inputs_are_named():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="requires_grad"):
         gradient_jacobian(model, F.cross_entropy, torch.randn(1, 6, dtype=torch.float64), torch.tensor([0]))
+
+
+def test_a_dtype_evaluates_cast_copies_and_leaves_the_model_alone() -> None:
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = torch.randn(2, 5), torch.tensor([0, 2])
+    op = gradient_jacobian(model, nn.CrossEntropyLoss(), x, y, dtype=torch.float64)
+    assert op.dtype == torch.float64 and op.inputs.dtype == torch.float64
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    reference = gradient_jacobian(copy.deepcopy(model).double(), nn.CrossEntropyLoss(), x.double(), y)
+    torch.testing.assert_close(op.dense(), reference.dense(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="floating-point dtype"):
+        gradient_jacobian(model, nn.CrossEntropyLoss(), x, y, dtype=torch.int64)

@@ -139,3 +139,12 @@ def test_a_cold_start_stops_once_trusted_with_a_2x_margin_and_warm_sweeps_iterat
     rel = (warm.residuals * 1.0).max()
     assert float(rel) <= 1e-2 + 1e-12  # every top-k pair to tol, beyond the trust margin
     assert estimator_error(warm) < estimator_error(cold)
+
+
+def test_a_spectrum_converts_its_tensors_to_a_dtype() -> None:
+    spec = estimate_spectrum(_op(), 3, generator=torch.Generator().manual_seed(0))
+    single = spec.to(torch.float32)
+    assert single.singular_values.dtype == single.right_vectors.dtype == single.left_vectors.dtype == torch.float32
+    assert single.signal_norm.dtype == single.residuals.dtype == torch.float32
+    assert single.extra["warm_start"].dtype == torch.float32 and single.extra["start"] == spec.extra["start"]
+    torch.testing.assert_close(single.singular_values, spec.singular_values.float())
