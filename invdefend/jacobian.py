@@ -538,8 +538,7 @@ def gradient_jacobian(
             sample's gradient is a difference of nearly equal terms).
     """
     _check_mode("gradient_jacobian", mode)
-    if dtype is not None and not dtype.is_floating_point:
-        raise ValueError(f"invdefend.gradient_jacobian: dtype={dtype} must be a floating-point dtype")
+    cast = _caster("gradient_jacobian", dtype)
     if embedding_module is None:
         check_inputs("gradient_jacobian", inputs)
     elif not isinstance(inputs, Tensor) or inputs.dim() < 1 or inputs.shape[0] == 0:
@@ -559,9 +558,6 @@ def gradient_jacobian(
     unknown = sorted(set(buffers or {}) - set(own))
     if unknown:
         raise ValueError(f"invdefend.gradient_jacobian: {type(model).__name__} has no buffers {unknown}")
-    def cast(t: Tensor) -> Tensor:
-        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
-
     live = {k: cast(v.detach()) for k, v in chosen.items()}
     frozen = {k: cast(v.detach()) for k, v in model.named_parameters() if k not in live}
     buffers = {k: cast((buffers or {}).get(k, v).detach().clone()) for k, v in own.items()}
@@ -595,6 +591,14 @@ def gradient_jacobian(
 
     return JacobianOperator(_flat_gradient(embedded_loss, live), embedded, (inputs, targets), vectorize=vectorize,
                             name="gradient_jacobian", context=context, module=model)
+
+
+def _caster(where: str, dtype: torch.dtype | None) -> Callable[[Tensor], Tensor]:
+    """``t -> t`` in ``dtype`` when ``t`` is floating point (unchanged when ``dtype`` is None); refuses a
+    non-floating ``dtype``."""
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"invdefend.{where}: dtype={dtype} must be a floating-point dtype")
+    return lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
 def _flat_gradient(loss_of: Callable[..., Tensor], params: dict[str, Tensor]) -> Callable[..., Tensor]:
@@ -721,12 +725,7 @@ def batch_gradient_jacobian(
     if idx.dim() != 1 or idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= B:
         raise ValueError(f"invdefend.batch_gradient_jacobian: index must list samples of the batch (0..{B - 1}), "
                          f"got {idx.tolist()}")
-    if dtype is not None and not dtype.is_floating_point:
-        raise ValueError(f"invdefend.batch_gradient_jacobian: dtype={dtype} must be a floating-point dtype")
-
-    def cast(t: Tensor) -> Tensor:
-        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
-
+    cast = _caster("batch_gradient_jacobian", dtype)
     params = {k: cast(v.detach()) for k, v in trainable_parameters(model).items()}
     frozen = {k: cast(v.detach()) for k, v in model.named_parameters() if not v.requires_grad}
     buffers = {k: cast(v.detach()) for k, v in model.named_buffers()}
