@@ -66,3 +66,9 @@ def test_the_estimator_runs_inside_the_block_and_gives_the_same_spectrum(default
 def test_an_opt_out_or_the_users_own_malloc_tuning_leaves_the_allocator_alone(var: str, value: str) -> None:
     seen = _probe(**{var: value})
     assert not seen["active"] and seen["inside"] and seen["after_inner"]
+
+
+def test_a_torch_distributed_process_leaves_the_allocator_alone() -> None:
+    seen = _probe(HEAP_PROBE_DISTRIBUTED="1")
+    assert seen["active"] and not seen["inside"]  # before the group: reuse acts
+    assert not seen["distributed_active"] and seen["distributed_inside"]

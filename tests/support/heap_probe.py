@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
+import tempfile
 
 import torch
 from torch import nn
@@ -68,6 +70,14 @@ def main() -> None:
     seen["products_mapped"] = products
     seen["singular_values"] = spec.singular_values.tolist()
     seen["end"] = big_tensor_is_mapped(8)
+    if os.environ.get("HEAP_PROBE_DISTRIBUTED") == "1":  # a one-process gloo group: reuse must stay off
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"file://{tempfile.mkdtemp()}/store", rank=0, world_size=1)
+        with reuse_freed_memory() as active:
+            seen["distributed_active"] = active
+            seen["distributed_inside"] = big_tensor_is_mapped(16)
+        dist.destroy_process_group()
     print(json.dumps(seen))
 
 
