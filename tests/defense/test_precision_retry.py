@@ -33,9 +33,13 @@ def _confident(seed: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, x, y
 
 
-def _release(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+def _release(model: nn.Module, x: torch.Tensor, y: torch.Tensor, prepare=None):
+    """One protected release by the default defense (``prepare(defense)`` first, if given): the defense, its
+    record and the noise it added."""
     loss = nn.CrossEntropyLoss()
     defense = GradientDefense(model, loss, k=4, probes=2, seed=0, capture=False)
+    if prepare is not None:
+        prepare(defense)
     defense.capture(x, y)
     model.zero_grad()
     loss(model(x), y).backward()
@@ -80,23 +84,13 @@ def test_an_estimate_untrusted_in_float64_too_falls_back_and_a_large_model_is_no
     if large:
         monkeypatch.setattr(spectral, "IMAGE_BYTES", 0)  # every operator counts as large: no cheap retry
     model, x, y = _confident(1)
-    loss = nn.CrossEntropyLoss()
-    defense = GradientDefense(model, loss, k=4, probes=2, seed=0, capture=False)
     dtypes: list[torch.dtype] = []
 
     def untrusted(spec):  # every estimate, float32 or float64, reports a residual far above the threshold
         dtypes.append(spec.singular_values.dtype)
         return replace(spec, residuals=torch.full_like(spec.residuals, 10.0))
 
-    wrap_estimate(defense, untrusted)
-    defense.capture(x, y)
-    model.zero_grad()
-    loss(model(x), y).backward()
-    g = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        record = defense.protect()
-    noise = torch.cat([p.grad.reshape(-1) for p in model.parameters()]) - g
+    _, record, noise = _release(model, x, y, prepare=lambda defense: wrap_estimate(defense, untrusted))
     assert record.fallback and "did not converge" in record.fallback_reason
     assert float(noise.norm()) > 0  # fail closed: the fallback's isotropic noise
     assert dtypes == ([torch.float32] if large else [torch.float32, torch.float64])
