@@ -2,6 +2,7 @@
 
     python benchmarks/embedding_frontier.py --quick      # 14.2 min on 2 idle cores (26–30 min under load)
     python benchmarks/embedding_frontier.py              # the full sweep (more data, seeds, samples, F=0.25 too)
+    python benchmarks/embedding_frontier.py --quick --floors --waterfill   # isotropic against ``waterfill`` only
 
 Setting. 32×32×3 patches of the nine photographs that ship with scikit-learn / scikit-image
 (:func:`invdefend.data.photo_patches`, label = photo index, 9 classes). Training data and the attacker's
@@ -17,7 +18,11 @@ through them. Each sample's noise has relative energy ``E`` (``‖noise‖² ≈
 * ``prior_floorF``: the prior-aware placement, ``mechanism="spectral"`` with ``prior=`` the
   :class:`~invdefend.prior.GaussianPrior` fitted by the defender on its training patches (water-filling on the
   spectrum of the prior-whitened Jacobian ``J·A``, weighted by pixel variance, THEORY §8.5) at ``budget=(1−F)·E``
-  plus an isotropic ``floor=F·E``: the same total energy ``E``. ``F`` = 0.5 (and 0.25 in the full run).
+  plus an isotropic ``floor=F·E``: the same total energy ``E``. ``F`` = 0.5 (and 0.25 in the full run);
+* ``waterfill`` (with ``--waterfill``): ``mechanism="spectral"``, ``budget=E``, no prior, no floor: the
+  embedding defense's default until 2026-12-02 (water-filling over each sample's spectrum, priced under the
+  i.i.d. prior). Its JSON key is ``"waterfill"`` where a floor share would stand; the headline figures are
+  those of the first compared placement.
 
 Both defenses also price their records under the same prior. The embedding is small (``m ≤ 256``), so the
 defense takes the exact, complete spectrum of every sample.
@@ -156,7 +161,14 @@ def settings_for(placement: str, energy: float, prior: GaussianPrior) -> dict[st
     if placement.startswith("prior_floor"):
         share = float(placement[len("prior_floor"):])
         return {"mechanism": "spectral", "budget": (1 - share) * energy, "floor": share * energy, "prior": prior}
+    if placement == "waterfill":  # the embedding default until 2026-12-02: water-filling, no prior, no floor
+        return {"mechanism": "spectral", "budget": energy, "prior": None}
     raise ValueError(placement)
+
+
+def label(placement: str) -> str:
+    """A compared placement's key in the JSON: its floor share (``"0.5"``) or ``"waterfill"``."""
+    return placement.removeprefix("prior_floor")
 
 
 # -- per-process state --------------------------------------------------------------------------------------
@@ -395,7 +407,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--energies", type=float, nargs="+", default=None,
                         help="relative noise energies (quick 0.01 0.1 0.3 1; full 0.01 0.03 0.1 0.3 1 3)")
-    parser.add_argument("--floors", type=float, nargs="+", default=None,
+    parser.add_argument("--waterfill", action="store_true",
+                        help="also compare water-filling without a prior or a floor (the embedding default until "
+                             "2026-12-02) with isotropic noise")
+    parser.add_argument("--floors", type=float, nargs="*", default=None,
                         help="isotropic shares F (quick 0.5; full 0.5 0.25)")
     parser.add_argument("--audit", type=int, default=None, help="audited samples (quick 8, full 16)")
     parser.add_argument("--aux", type=int, default=None, help="attacker's auxiliary patches (quick 1000, full 2000)")
@@ -420,14 +435,16 @@ def main() -> None:
         "aux": pick(ns.aux, 1000, 2000), "rank": ns.rank, "map_iterations": ns.map_iterations,
         "aware_init": list(ns.aware_init), "decoder_epochs": pick(ns.decoder_epochs, 60, 100),
         "decoder_hidden": list(ns.decoder_hidden), "bottoms": pick(ns.bottoms, ["trained"], ["trained", "initial"]),
-        "max_drop": ns.max_drop, "seed": ns.seed, "workers": ns.workers,
+        "max_drop": ns.max_drop, "seed": ns.seed, "workers": ns.workers, "waterfill": ns.waterfill,
     }
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     shared = load_state(args)
     _init(args, shared)
     energies = args["energies"]
-    placements = ["isotropic"] + [f"prior_floor{f:g}" for f in args["floors"]]
+    placements = ["isotropic"] + [f"prior_floor{f:g}" for f in args["floors"]] + (["waterfill"] if ns.waterfill else [])
+    if len(placements) < 2:
+        parser.error("nothing to compare with isotropic noise: give --floors F ... and/or --waterfill")
     seeds = [args["seed"] + i for i in range(args["seeds"])]
 
     train_jobs = [(p, E, s, s == seeds[0] and "trained" in args["bottoms"])
@@ -581,17 +598,20 @@ def summarise(results: list[dict[str, Any]], args: dict[str, Any], placements: l
         "embedding_psnr_gap_db_equal_accuracy": rnd(gap),
         "embedding_psnr_gap_db_equal_accuracy_decoder": rnd(headline[first]["decoder"]),
         "embedding_psnr_gap_db_equal_accuracy_aware": rnd(headline[first]["aware"]),
-        "embedding_psnr_gap_db_equal_accuracy_by_floor": {p[len("prior_floor"):]: rnd(headline[p]["strongest"])
-                                                         for p in placements[1:]},
+        "embedding_psnr_gap_db_equal_accuracy_by_floor": {label(p): rnd(headline[p]["strongest"])
+                                                         for p in placements[1:] if p != "waterfill"},
+        **({"embedding_psnr_gap_db_equal_accuracy_waterfill": {k: rnd(headline["waterfill"][k]) for k in attacks},
+            "embedding_psnr_gap_db_equal_accuracy_waterfill_bound": bounds["waterfill"]}
+           if "waterfill" in placements else {}),
         "embedding_psnr_gap_db_equal_accuracy_bound": bounds[first],
         "target_gap_db": TARGET_GAP_DB,
         "target_met": gap is not None and gap >= TARGET_GAP_DB and bounds[first] != "upper",
         "recommended_energy": e_rec,
         "recommended_energy_fallback": not ok,
         "iso_accuracy_at_recommended_pct": round(acc["isotropic"][e_rec], 2),
-        "equal_accuracy_energy": {p[len("prior_floor"):]: eq_energy[p] for p in placements[1:]},
-        "equal_accuracy_frontier": {p[len("prior_floor"):]: frontier[p] for p in placements[1:]},
-        "psnr_gap_db_equal_energy": {p[len("prior_floor"):]: gap_equal_energy[p] for p in placements[1:]},
+        "equal_accuracy_energy": {label(p): eq_energy[p] for p in placements[1:]},
+        "equal_accuracy_frontier": {label(p): frontier[p] for p in placements[1:]},
+        "psnr_gap_db_equal_energy": {label(p): gap_equal_energy[p] for p in placements[1:]},
         "psnr_db": {p: {key(E): {**{k: round(v, 2) for k, v in mean_psnr[p][E].items()},
                                  "by_bottom": {b: round(v, 2) for b, v in by_bottom[(p, E)].items()}}
                         for E in energies} for p in placements},

@@ -1,7 +1,8 @@
 """Noise on shared embeddings (vertical FL, split learning) — THEORY §5.
 
 :class:`EmbeddingDefense` is a removable forward hook on the client's bottom model: every embedding it
-sends gets per-sample noise planned in that sample's own left singular basis of ``∂h/∂x``::
+sends gets per-sample noise of relative energy ``budget``, and a risk record priced from that sample's spectrum
+of ``∂h/∂x``::
 
     defense = EmbeddingDefense(bottom, budget=0.1).attach()   # bottom(x) now returns h(x) + noise
     ...
@@ -12,6 +13,12 @@ plan → draw → record — with each sample its own probe. The embedding is sm
 default the whole spectrum is taken up to ``m = 256`` (``exact_max_dim``) and the top-k estimator beyond.
 The noise is a constant added to the output, so gradients still flow to the bottom model and the top
 model trains on the noisy embeddings. Fails closed like :class:`~invdefend.defense.GradientDefense`.
+
+The defaults (:data:`~invdefend.defense.settings.EMBEDDING_DEFAULTS`) draw isotropic noise and price it under
+the data prior fitted online on the inputs already released (``prior="online"``; the i.i.d. prior until 128
+samples). ``benchmarks/embedding_frontier.py`` found no shaped placement that protects an embedding better
+than isotropic noise at the same top-model accuracy; ``mechanism="spectral"`` plans the noise in each
+sample's own left singular basis (water-filling), with ``prior=`` in prior-whitened coordinates.
 """
 
 from __future__ import annotations

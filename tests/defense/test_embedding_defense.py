@@ -43,7 +43,7 @@ def noise_draws(defense: EmbeddingDefense, bottom: nn.Module, x: torch.Tensor, n
 def test_per_sample_noise_has_the_budgets_energy_in_each_samples_own_basis() -> None:
     bottom, x = bottom_model(), inputs()
     budget = 0.3
-    defense = EmbeddingDefense(bottom, budget=budget, seed=0).attach()
+    defense = EmbeddingDefense(bottom, budget=budget, mechanism="spectral", seed=0).attach()
     clean, noise = noise_draws(defense, bottom, x, 800)
     rec = defense.last_record
     energy = (clean**2).sum(dim=1)  # (B,)
@@ -88,7 +88,7 @@ def test_top_model_trains_on_noisy_embeddings_and_gradients_reach_the_bottom() -
     top = MLP(16, hidden=(32,), out_features=10)
     model = SplitModel(bottom, top)
     budget = 0.1
-    defense = EmbeddingDefense(bottom, budget=budget, seed=0).attach()
+    defense = EmbeddingDefense(bottom, budget=budget, seed=0).attach()  # the defaults: isotropic, online prior
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     crit = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(0)
@@ -104,6 +104,9 @@ def test_top_model_trains_on_noisy_embeddings_and_gradients_reach_the_bottom() -
         opt.step()
     records = defense.monitor.history
     assert len(records) == 200 and not any(r.fallback for r in records)
+    # priced under the i.i.d. prior for the first 128 samples (4 batches), then under the prior fitted online
+    assert [r.risk_prior for r in records[:5]] == ["online (iid until 128 samples)"] * 4 + ["online"]
+    assert all(r.risk_prior == "online" for r in records[4:])
     # The per-sample energy set by the budget, on every batch (32 samples: mean within a few per cent).
     assert all(r.budget == pytest.approx(budget, rel=1e-4) for r in records)
     assert sum(r.relative_energy for r in records) / len(records) == pytest.approx(budget, rel=0.05)

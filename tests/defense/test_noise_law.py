@@ -102,7 +102,7 @@ def test_band_pass_law_is_the_gaussian_its_draw_approximates() -> None:
 def test_embedding_law_is_the_covariance_of_the_released_noise() -> None:
     torch.manual_seed(0)
     bottom = MLP(6, hidden=(), out_features=5, activation="tanh", final_activation=True).double()
-    defense = EmbeddingDefense(bottom, budget=0.3, floor=0.05, seed=1)
+    defense = EmbeddingDefense(bottom, mechanism="spectral", budget=0.3, floor=0.05, seed=1)
     x = torch.rand(2, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     h = bottom(x).detach()
     spec = defense.estimate(x)

@@ -74,8 +74,10 @@ def test_the_default_gradient_placement_is_half_shaped_half_floor_under_an_onlin
     big = GradientDefense(_model(), nn.CrossEntropyLoss(), budget=20.0, capture=False)
     assert big.placement.parts[0] == Isotropic(budget=19.0) and big.placement.parts[1].budget == pytest.approx(1.0)
     assert DefenseSettings.for_kind("gradient", budget=20.0, floor=0.0).energy_split("gradient") == (20.0, 0.0)
-    e = EmbeddingDefense(_model())
-    assert e.settings.energy_split("embedding") == (0.1, 0.0) and e.prior is None
+    e = EmbeddingDefense(_model())  # the embedding default: isotropic noise priced under the online prior
+    assert e.mechanism == "isotropic" and e.prior == "online" and isinstance(e.placement, Isotropic)
+    assert e.settings.energy_split("embedding") == (0.1, 0.0)
+    assert DefenseSettings.for_kind("embedding", mechanism="spectral").energy_split("embedding") == (0.1, 0.0)
     # a defended step at the defaults releases the budget's energy in total, half of it isotropic
     torch.manual_seed(0)
     model = _model()

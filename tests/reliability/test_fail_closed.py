@@ -127,12 +127,14 @@ def test_defended_optimizer_does_not_step_when_protection_is_refused(kit):
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
+@pytest.mark.parametrize("mechanism", ["isotropic", "spectral"])  # the default, and the shaped placement
 @pytest.mark.parametrize("kind", KINDS)
-def test_embedding_defense_protects_every_batch(kit, kind, monkeypatch, caplog):
+def test_embedding_defense_protects_every_batch(kit, kind, mechanism, monkeypatch, caplog):
     bottom = kit.make_bottom(seed=3)
     reference = kit.make_bottom(seed=3)  # identical weights, never defended
     # exact_max_dim=0 routes the estimate through the top-k estimator, whose convergence can fail
-    defense = EmbeddingDefense(bottom, budget=0.1, fallback_budget=FALLBACK, k=kit.EMB, exact_max_dim=0, seed=0)
+    defense = EmbeddingDefense(bottom, mechanism=mechanism, budget=0.1, fallback_budget=FALLBACK, k=kit.EMB,
+                               exact_max_dim=0, seed=0)
     _inject(kind, defense)
     defense.attach()
     caplog.set_level(logging.WARNING, logger="invdefend")
@@ -155,6 +157,6 @@ def test_embedding_defense_protects_every_batch(kit, kind, monkeypatch, caplog):
             assert len(_fallback_warnings(caught)) == 1
             assert any(r.name == "invdefend" and "estimation failed" in r.getMessage() for r in caplog.records)
         else:
-            assert not record.fallback and record.mechanism == "spectral"
+            assert not record.fallback and record.mechanism == mechanism
             assert not _fallback_warnings(caught)
     assert sum(r.fallback for r in defense.monitor.history) == len(FAIL)
