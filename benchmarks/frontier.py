@@ -26,7 +26,10 @@ counts:
 
 * the defense-aware MAP attack with the fitted prior and the **exact noise law** of the release
   (``defense.noise_law()``), float64 L-BFGS in whitened coordinates;
-* Inverting Gradients (cosine + TV, signed Adam), which ignores the noise.
+* Inverting Gradients (cosine + TV, signed Adam), which ignores the noise;
+* with ``--decoder``, at batch 1: the learned gradient decoder (:func:`invdefend.attacks.train_gradient_decoder`),
+  trained on ``--decoder-aux`` of the attacker's auxiliary samples with their gradients noised by the release's
+  exact law, then refined by the aware MAP attack from its output (``gradient_decoder_attack(optimise=True)``).
 
 Batch 8 releases are attacked as one batch (8 unknown images); each sample's PSNR is taken after matching
 reconstructions to samples (:func:`invdefend.metrics.matched_psnr`).
@@ -66,7 +69,11 @@ from dataclasses import dataclass
 import torch
 from prior_placements import release, train
 
-from invdefend.attacks import defense_aware_gradient_attack
+from invdefend.attacks import (
+    defense_aware_gradient_attack,
+    gradient_decoder_attack,
+    train_gradient_decoder,
+)
 from invdefend.attacks.batched import batched_gradient_attack
 from invdefend.data import PHOTOS, digits_split, photo_patches
 from invdefend.defense import DefenseSettings
@@ -174,13 +181,28 @@ def attack_job(job: tuple) -> list[dict]:
                                               labels=y, prior=prior, iterations=args.map_iterations)
         p_aware = per_sample_psnr(aware.reconstruction, x)
         p_ig = per_sample_psnr(ig.reconstructions[i], x)
+        p_dec = decoder_psnr(model, task, flats[i], laws[i], x, y, prior, args) if batch == 1 else [-math.inf]
         for j in range(batch):
             rows.append({"task": task.name, "arch": arch, "batch": batch, "sample": start + j, "placement": placement,
-                         "E": E, "aware": p_aware[j], "ig": p_ig[j], "best": max(p_aware[j], p_ig[j]),
-                         "prior": prior_psnr[j]})
+                         "E": E, "aware": p_aware[j], "ig": p_ig[j], "decoder": p_dec[j],
+                         "best": max(p_aware[j], p_ig[j], p_dec[j]), "prior": prior_psnr[j]})
     print(f"  attacked {task.name}/{arch} batch {batch} samples {start}-{start + batch - 1}: "
           f"{len(releases)} releases", flush=True)
     return rows
+
+
+def decoder_psnr(model: torch.nn.Module, task: Task, flat: torch.Tensor, law, x: torch.Tensor, y: torch.Tensor,
+                 prior: GaussianPrior, args: argparse.Namespace) -> list[float]:
+    """With ``--decoder`` (batch 1): the learned decoder trained on the first ``--decoder-aux`` training samples'
+    gradients noised by this release's exact law (2 fresh copies each), then refined by the aware MAP attack
+    from its output; ``[-inf]`` without the flag."""
+    if not args.decoder:
+        return [-math.inf]
+    n = min(args.decoder_aux, len(task.x_train))
+    decoder = train_gradient_decoder(model, task.x_train[:n], task.y_train[:n], noise=law, noise_copies=2,
+                                     prior=prior, seed=args.seed)
+    rec = gradient_decoder_attack(decoder, flat, labels=y, optimise=True, iterations=args.map_iterations)
+    return per_sample_psnr(rec.reconstruction, x)
 
 
 def train_job(job: tuple) -> tuple[str, str, str, float, int, float]:
@@ -248,6 +270,10 @@ def main() -> None:
     parser.add_argument("--ig-iterations", type=int, default=None, help="quick 600, full 1000")
     parser.add_argument("--train-epochs", type=int, default=None, help="default: photos 8, digits 30")
     parser.add_argument("--train-seeds", type=int, default=None, help="quick 4, full 6")
+    parser.add_argument("--decoder", action="store_true",
+                        help="batch 1: add the learned gradient decoder (trained with each release's noise law) "
+                             "refined by the aware MAP attack to the suite")
+    parser.add_argument("--decoder-aux", type=int, default=1000, help="the decoder's auxiliary samples")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -306,7 +332,7 @@ def summarise(rows: list[dict], accs: list[tuple], args, energies, iso_sweep, n,
                                                                    r["E"])),
                                         key=lambda r: (r["task"], r["arch"], r["batch"], r["placement"], r["E"])):
         g = list(group)
-        mean[key] = {k: statistics.mean(r[k] for r in g) for k in ("best", "aware", "ig", "prior")}
+        mean[key] = {k: statistics.mean(r[k] for r in g) for k in ("best", "aware", "ig", "prior", "decoder")}
     settings = sorted({k[:3] for k in mean})
     per_setting, gaps_acc, ratios, at_prior = {}, [], [], []
     print(f"{'setting':<28}{'E':>7}{'iso best':>9}{'def best':>9}{'def aware':>10}{'def IG':>8}{'prior':>7}{'gap':>6}")
@@ -342,6 +368,14 @@ def summarise(rows: list[dict], accs: list[tuple], args, energies, iso_sweep, n,
             "default_best_psnr": {f"{E:g}": round(mean[(task, arch, b, 'default', E)]['best'], 2) for E in energies},
             "default_aware_psnr": {f"{E:g}": round(mean[(task, arch, b, 'default', E)]['aware'], 2)
                                    for E in energies},
+            **({"default_decoder_psnr": {f"{E:g}": round(mean[(task, arch, b, 'default', E)]['decoder'], 2)
+                                         for E in energies},
+                "isotropic_decoder_psnr": {f"{E:g}": round(mean[(task, arch, b, 'isotropic', E)]['decoder'], 2)
+                                           for E in iso_sweep},
+                "decoder_strongest_share": round(statistics.mean(
+                    r["decoder"] >= max(r["aware"], r["ig"]) for r in rows
+                    if (r["task"], r["arch"], r["batch"]) == (task, arch, b)), 3)}
+               if args.decoder and b == 1 else {}),
             "prior_mean_psnr": round(mean[(task, arch, b, 'default', E_star)]['prior'], 2),
         }
     worst_ratio = min(ratios)
@@ -370,6 +404,7 @@ def summarise(rows: list[dict], accs: list[tuple], args, energies, iso_sweep, n,
             "accuracy_pct": {f"{t}/{a}/{p}@{E:g}": round(v, 2) for (t, a, p, E), v in sorted(acc.items())},
             "samples_per_task": n, "train_seeds": seeds, "train_epochs": args.train_epochs or EPOCHS,
             "map_iterations": args.map_iterations, "ig_iterations": args.ig_iterations, "archs": args.archs,
+            "decoder": args.decoder, "decoder_aux": args.decoder_aux if args.decoder else None,
             "tasks": args.tasks, "batches": args.batches, "quick": args.quick, "seconds": round(seconds, 1)}
 
 
