@@ -181,7 +181,7 @@ def attack_job(job: tuple) -> list[dict]:
                                               labels=y, prior=prior, iterations=args.map_iterations)
         p_aware = per_sample_psnr(aware.reconstruction, x)
         p_ig = per_sample_psnr(ig.reconstructions[i], x)
-        p_dec = decoder_psnr(model, task, flats[i], laws[i], x, y, prior, args) if batch == 1 else [-math.inf] * batch
+        p_dec = decoder_psnr(model, task, flats[i], laws[i], x, y, prior, args)
         for j in range(batch):
             rows.append({"task": task.name, "arch": arch, "batch": batch, "sample": start + j, "placement": placement,
                          "E": E, "aware": p_aware[j], "ig": p_ig[j], "decoder": p_dec[j],
@@ -195,8 +195,9 @@ def decoder_psnr(model: torch.nn.Module, task: Task, flat: torch.Tensor, law, x:
                  prior: GaussianPrior, args: argparse.Namespace) -> list[float]:
     """With ``--decoder`` (batch 1): the learned decoder trained on the first ``--decoder-aux`` training samples'
     gradients noised by this release's exact law (2 fresh copies each), then refined by the aware MAP attack
-    from its output; ``-inf`` per sample without the flag."""
-    if not args.decoder:
+    from its output; ``-inf`` per sample without the flag or at a larger batch (the decoder inverts one
+    sample's gradient)."""
+    if not args.decoder or len(x) != 1:
         return [-math.inf] * len(x)
     n = min(args.decoder_aux, len(task.x_train))
     decoder = train_gradient_decoder(model, task.x_train[:n], task.y_train[:n], noise=law, noise_copies=2,
