@@ -18,6 +18,10 @@ Attacks on every release (the strongest per sample decides, PSNR capped at ``--c
   with ``--restarts`` (2) random starts, the lowest objective kept;
 * the defense-aware MAP attack: knows the noise variance and uses the fitted Gaussian image prior, L-BFGS in
   whitened coordinates (for the undefended release it takes a variance of ``1e-8·‖ḡ‖²/m``);
+* at batch 1 (unless ``--no-decoder``): the learned gradient decoder
+  (:func:`invdefend.attacks.train_gradient_decoder`), trained for every release on ``--decoder-aux`` auxiliary
+  patches whose gradients carry the release's exact noise law (2 fresh copies each; none when undefended),
+  then refined by the MAP attack from its output (``gradient_decoder_attack(optimise=True)``);
 
 (``invdefend.attacks.batched``: all releases of one model attacked at once.) Batch-4 reconstructions are matched
 to the originals by the permutation with the best mean PSNR.
@@ -57,6 +61,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from invdefend.attacks import (
+    NoiseCovariance,
+    gradient_decoder_attack,
+    train_gradient_decoder,
+)
 from invdefend.attacks.batched import batched_gradient_attack, release_gradients
 from invdefend.conditional import conditional_invloss, estimate_conditional
 from invdefend.data import PHOTOS, photo_patches
@@ -170,6 +179,8 @@ def run_group(job: dict) -> dict:
         map_parts.append(part.reconstructions)
         map_seconds += part.seconds
     map_recs = torch.cat(map_parts)
+    p_dec, dec_seconds = decoder_psnrs(job, model, prior, T, L, S2, torch.maximum(S2, floor.repeat(len(ENERGIES))),
+                                       xr)
     rows = []
     for ei, E in enumerate(ENERGIES):
         for r in range(R):
@@ -178,14 +189,49 @@ def run_group(job: dict) -> dict:
             p_map = matched_psnr(map_recs[idx], xr[r], job["cap"])
             for b in range(B):
                 rows.append({"sample": r * B + b, "energy": E, "sigma2": float(S2[idx]), "ig": p_ig[b],
-                             "map": p_map[b]})
+                             "map": p_map[b], "decoder": p_dec[idx]})
     # the vectors are not needed to price any noise level; keep what crosses the process boundary small
     white = replace(white, left_vectors=None, right_vectors=None)
     plain = replace(plain, left_vectors=None, right_vectors=None)
     return {
         "model": spec.name, "batch": B, "rows": rows, "white": white, "plain": plain,
-        "seconds": {"spectra": t_spec, "ig": ig.seconds, "map": map_seconds, "total": time.perf_counter() - t0},
+        "seconds": {"spectra": t_spec, "ig": ig.seconds, "map": map_seconds, "decoder": dec_seconds,
+                    "total": time.perf_counter() - t0},
     }
+
+
+def decoder_psnrs(job: dict, model: torch.nn.Module, prior: GaussianPrior, T: Tensor, L: Tensor, S2: Tensor,
+                  S2_map: Tensor, xr: Tensor) -> tuple[list[float], float]:
+    """PSNR of the learned decoder refined by MAP on every release of a batch-1 group (``-inf`` per release at
+    batch 4 or with ``--no-decoder``: the decoder inverts one sample's gradient) and its run time.
+
+    Each release gets its own decoder, trained on the auxiliary patches with their gradients noised by that
+    release's exact law (isotropic, variance ``S2``; no noise for the undefended release, whose decoder is
+    shared); the refinement assumes the same variance as the MAP attack (``S2_map``, floored when undefended).
+    """
+    if not job["decoder"] or xr.shape[1] != 1:
+        return [-math.inf] * len(T), 0.0
+    t0 = time.perf_counter()
+    x_aux, y_aux = job["aux"]
+    out, clean_decoder = [], None
+    for idx in range(len(T)):
+        s2 = float(S2[idx])
+        if s2 > 0 or clean_decoder is None:
+            decoder = train_gradient_decoder(model, x_aux, y_aux, noise=NoiseCovariance(s2) if s2 > 0 else None,
+                                             noise_copies=2, prior=prior, seed=job["seed"])
+            if s2 == 0:
+                clean_decoder = decoder
+        else:
+            decoder = clean_decoder
+        rec = gradient_decoder_attack(decoder, T[idx : idx + 1], labels=L[idx], optimise=True,
+                                      noise=NoiseCovariance(float(S2_map[idx])), iterations=job["map_iterations"])
+        out.append(matched_psnr(rec.reconstruction.float(), xr[idx % len(xr)], job["cap"])[0])
+    return out, time.perf_counter() - t0
+
+
+def strongest(row: dict) -> float:
+    """The strongest attack's PSNR on one (sample, setting) pair (rows saved before the decoder have none)."""
+    return max(row["ig"], row["map"], row.get("decoder", -math.inf))
 
 
 _CACHE: dict[tuple, Tensor] = {}
@@ -241,7 +287,7 @@ def calibrate(groups: list[dict], cal: list[tuple[int, dict]], prior_kind: str, 
             pred, att = [], []
             for g, row in cal:
                 pred += predict(groups[g], [row], prior_kind, rho, kappa, cap)
-                att.append(max(row["ig"], row["map"]))
+                att.append(strongest(row))
             cov = sum(a <= p + 1.0 for p, a in zip(pred, att)) / len(pred)
             mae = statistics.mean(abs(p - a) for p, a in zip(pred, att))
             key = (cov < target, -cov if cov < target else 0.0, mae)
@@ -274,6 +320,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--calibrate-per", choices=("activation", "all"), default="activation",
                         help="fit (rho, kappa) per activation family (sigmoid / ReLU networks) or once for all")
+    parser.add_argument("--decoder", action=argparse.BooleanOptionalAction, default=True,
+                        help="batch 1: the learned gradient decoder, trained with each release's noise law and "
+                             "refined by MAP, is in the suite (default; --no-decoder leaves it out)")
+    parser.add_argument("--decoder-aux", type=int, default=1000, help="the decoder's auxiliary patches")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save", default=None, help="write the attacks' raw results (per group) to this file")
     parser.add_argument("--load", default=None, help="skip the attacks: read raw results written by --save (the "
@@ -302,7 +352,8 @@ def main() -> None:
                 "spec": spec, "state": state, "prior": prior.state_dict(), "x": x_all[offset : offset + n],
                 "y": y_all[offset : offset + n], "batch": B, "seed": args.seed + 100 * mi + B, "k": args.k,
                 "tv": args.tv, "ig_iterations": ig_iters, "restarts": args.restarts,
-                "map_iterations": args.map_iterations, "cap": args.cap_db,
+                "map_iterations": args.map_iterations, "cap": args.cap_db, "decoder": args.decoder,
+                "aux": (x_aux[: args.decoder_aux], y_aux[: args.decoder_aux]) if args.decoder and B == 1 else None,
             })
             offset += n
     print(f"{len(jobs)} groups, {n_audit} audited samples (right halves), {len(ENERGIES) * len(BATCHES) * len(MODELS)} "
@@ -319,8 +370,8 @@ def main() -> None:
         torch.save(groups, args.save)
     for g in groups:
         s = g["seconds"]
-        print(f"  {g['model']:<16} B={g['batch']}: spectra {s['spectra']:.0f} s, IG {s['ig']:.0f} s, MAP {s['map']:.0f} s",
-              flush=True)
+        print(f"  {g['model']:<16} B={g['batch']}: spectra {s['spectra']:.0f} s, IG {s['ig']:.0f} s, MAP {s['map']:.0f} s, "
+              f"decoder {s.get('decoder', 0.0):.0f} s", flush=True)
 
     # calibration split by sample: a sample is calibration or held out in all its settings
     sizes = [g["rows"][-1]["sample"] + 1 for g in groups]
@@ -348,14 +399,14 @@ def main() -> None:
             fitted[fam] = calibrate(groups, fam_rows, kind, args.cap_db, args.coverage_target)
         pred = [predict(groups[g], [row], kind, fitted[family_of(g)][0], fitted[family_of(g)][1], args.cap_db)[0]
                 for g, row in held_rows]
-        att = [max(row["ig"], row["map"]) for _, row in held_rows]
+        att = [strongest(row) for _, row in held_rows]
         energies = [row["energy"] for _, row in held_rows]
         fig = figures(pred, att, energies)
         for fam, (rho, kappa, cal_cov, cal_mae) in fitted.items():
             n_fam = sum(family_of(g) == fam for g, _ in cal_rows)
             print(f"{kind} [{fam}]: calibrated on {n_fam} pairs: rho {rho:.3g}, kappa {kappa:g} (calibration "
                   f"coverage {cal_cov:.2f}, MAE {cal_mae:.2f} dB); frozen", flush=True)
-        print(f"{'setting':<28}{'pred':>7}{'IG':>7}{'MAP':>7}{'best':>7}{'covered':>9}")
+        print(f"{'setting':<28}{'pred':>7}{'IG':>7}{'MAP':>7}{'DEC':>7}{'best':>7}{'covered':>9}")
         for gi, g in enumerate(groups):
             for E in ENERGIES:
                 idx = [i for i, (gg, row) in enumerate(held_rows) if gg == gi and row["energy"] == E]
@@ -363,6 +414,7 @@ def main() -> None:
                 label = f"{g['model']} B={g['batch']} E={E:g}"
                 print(f"{label:<28}{statistics.mean(pred[i] for i in idx):>7.1f}"
                       f"{statistics.mean(r['ig'] for r in rows):>7.1f}{statistics.mean(r['map'] for r in rows):>7.1f}"
+                      f"{statistics.mean(r.get('decoder', -math.inf) for r in rows):>7.1f}"
                       f"{statistics.mean(att[i] for i in idx):>7.1f}"
                       f"{sum(att[i] <= pred[i] + 1 for i in idx):>6d}/{len(idx)}")
         result[kind] = {
@@ -372,9 +424,10 @@ def main() -> None:
             "calibration_coverage": {fam: round(f[2], 4) for fam, f in fitted.items()},
             "calibration_mae_db": {fam: round(f[3], 3) for fam, f in fitted.items()},
         }
-    wins = {"ig": 0, "map": 0}
+    wins = {"ig": 0, "map": 0, "decoder": 0}
     for _, row in held_rows:
-        wins["ig" if row["ig"] > row["map"] else "map"] += 1
+        scores = {"ig": row["ig"], "map": row["map"], "decoder": row.get("decoder", -math.inf)}
+        wins[max(scores, key=scores.__getitem__)] += 1
     out = {
         **{k: result["data_prior"][k] for k in ("coverage", "spearman_noisy", "spearman_undefended", "mae_db_noisy")},
         "n_pairs": len(held_rows),
@@ -384,6 +437,7 @@ def main() -> None:
         "iid_prior": result["iid_prior"],
         "strongest_attack_counts": wins,
         "ig_iterations": ig_iters, "ig_restarts": args.restarts, "map_iterations": args.map_iterations,
+        "decoder": args.decoder, "decoder_aux": args.decoder_aux if args.decoder else None,
         "prior_rank": prior.rank, "quick": args.quick, "calibrate_per": args.calibrate_per,
         "seconds": round(time.perf_counter() - t0, 1),
     }
