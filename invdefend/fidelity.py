@@ -7,7 +7,9 @@ and frozen before the held-out samples are scored:
 * :func:`calibration_split` — a seeded split, stratified by group (setting), into calibration and held-out
   samples;
 * :func:`calibrate_rho` — the ``ρ`` of :data:`RHO_GRID` (or another grid) that best matches the attacks on
-  the calibration samples.
+  the calibration samples;
+* :func:`coverage_confidence` and :func:`calibration_pairs_needed` — how sure a calibration that covered its
+  pairs makes you that new pairs will be covered, and how many calibration pairs that takes.
 
 The correlations themselves (:func:`~invdefend.stats.spearman`, :func:`~invdefend.stats.pearson`) are in
 :mod:`invdefend.stats`.
@@ -22,7 +24,7 @@ import torch
 
 from .stats import spearman
 
-__all__ = ["RHO_GRID", "calibration_split", "calibrate_rho"]
+__all__ = ["RHO_GRID", "calibrate_rho", "calibration_pairs_needed", "calibration_split", "coverage_confidence"]
 
 #: The log grid of attacker precisions searched by :func:`calibrate_rho` (1e-5 … 1, 4 points per decade).
 RHO_GRID: tuple[float, ...] = tuple(10.0 ** (e / 4) for e in range(-20, 1))
@@ -89,3 +91,39 @@ def calibrate_rho(
             keys[rho] = (-round(rs, 12), err)
     best = min(grid, key=lambda r: keys[r])
     return float(best), scores
+
+
+def coverage_confidence(n_pairs: int, missed: int = 0, target: float = 0.95) -> float:
+    """The probability that a prediction calibrated to cover all but ``missed`` of ``n_pairs`` calibration
+    pairs covers at least a share ``target`` of new pairs.
+
+    The split-conformal order-statistic argument: for exchangeable pairs with continuous excesses (attacked
+    minus predicted PSNR), a threshold at the ``k = n_pairs − missed``-th smallest calibration excess covers a
+    share of new pairs distributed as ``Beta(k, n_pairs + 1 − k)``, so the probability is
+    ``P(Binomial(n_pairs, target) ≤ k − 1)``; with nothing missed, ``1 − target**n_pairs``.
+
+    Optimistic for a real calibration: choosing ``ρ`` on the same pairs, and pairs that share a sample (one
+    sample released at several noise levels), both make the effective count smaller.
+    """
+    if n_pairs < 1:
+        raise ValueError(f"invdefend.fidelity.coverage_confidence: n_pairs={n_pairs} must be >= 1")
+    if not 0 <= missed < n_pairs:
+        raise ValueError(f"invdefend.fidelity.coverage_confidence: missed={missed} must be in [0, n_pairs)")
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"invdefend.fidelity.coverage_confidence: target={target} must be in (0, 1)")
+    k = n_pairs - missed
+    return sum(math.comb(n_pairs, j) * target**j * (1 - target) ** (n_pairs - j) for j in range(k))
+
+
+def calibration_pairs_needed(confidence: float = 0.95, target: float = 0.95) -> int:
+    """The fewest calibration pairs which, all covered, give :func:`coverage_confidence` ≥ ``confidence``
+    (``⌈log(1 − confidence) / log(target)⌉``: 59 for 0.95 and 0.95)."""
+    if not 0.0 < confidence < 1.0 or not 0.0 < target < 1.0:
+        raise ValueError(
+            f"invdefend.fidelity.calibration_pairs_needed: confidence={confidence} and target={target} must be in "
+            "(0, 1)"
+        )
+    n = max(1, math.ceil(math.log1p(-confidence) / math.log(target) - 1e-12))
+    while coverage_confidence(n, 0, target) < confidence:
+        n += 1
+    return n

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from invdefend.fidelity import RHO_GRID, calibrate_rho, calibration_split
+from invdefend.fidelity import (
+    RHO_GRID,
+    calibrate_rho,
+    calibration_pairs_needed,
+    calibration_split,
+    coverage_confidence,
+)
 from invdefend.risk import invloss_from_values, predicted_psnr, reference_noise
 from invdefend.stats import spearman
 
@@ -46,3 +54,26 @@ def test_calibrate_rho_recovers_the_precision_that_generated_the_attacks() -> No
     assert spearman(_synthetic(rho_s), attacked) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="criterion"):
         calibrate_rho(lambda r: ([], []), criterion="r2")
+
+
+@pytest.mark.parametrize(("n", "missed"), [(40, 0), (80, 1), (20, 2)])
+def test_coverage_confidence_matches_monte_carlo_of_the_order_statistic(n: int, missed: int) -> None:
+    # Exchangeable continuous excesses: take them uniform, so a threshold's true coverage is its own value.
+    gen = torch.Generator().manual_seed(n + missed)
+    trials = 40_000
+    scores = torch.rand(trials, n, generator=gen, dtype=torch.float64)
+    threshold = scores.sort(dim=1).values[:, n - missed - 1]  # covers all but `missed` calibration pairs
+    empirical = float((threshold >= 0.95).double().mean())
+    predicted = coverage_confidence(n, missed, 0.95)
+    assert abs(empirical - predicted) < 4 * math.sqrt(predicted * (1 - predicted) / trials) + 1e-3
+
+
+def test_coverage_confidence_closed_form_and_pairs_needed() -> None:
+    assert coverage_confidence(40) == pytest.approx(1 - 0.95**40, abs=1e-12)
+    assert coverage_confidence(80, 1) < coverage_confidence(80, 0)
+    assert calibration_pairs_needed(0.95, 0.95) == 59
+    assert coverage_confidence(59) >= 0.95 > coverage_confidence(58)
+    with pytest.raises(ValueError, match="missed"):
+        coverage_confidence(10, 10)
+    with pytest.raises(ValueError, match="target"):
+        coverage_confidence(10, 0, 1.0)
