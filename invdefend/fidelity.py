@@ -9,7 +9,9 @@ and frozen before the held-out samples are scored:
 * :func:`calibrate_rho` — the ``ρ`` of :data:`RHO_GRID` (or another grid) that best matches the attacks on
   the calibration samples;
 * :func:`coverage_confidence` and :func:`calibration_pairs_needed` — how sure a calibration that covered its
-  pairs makes you that new pairs will be covered, and how many calibration pairs that takes.
+  pairs makes you that new pairs will be covered, and how many calibration pairs that takes;
+* :func:`cross_validated_coverage` — when the calibration pairs come from several independent runs (other
+  models, other priors, other samples), the calibration coverage to demand, chosen by leaving one run out.
 
 The correlations themselves (:func:`~invdefend.stats.spearman`, :func:`~invdefend.stats.pearson`) are in
 :mod:`invdefend.stats`.
@@ -24,7 +26,15 @@ import torch
 
 from .stats import spearman
 
-__all__ = ["RHO_GRID", "calibrate_rho", "calibration_pairs_needed", "calibration_split", "coverage_confidence"]
+__all__ = [
+    "RHO_GRID",
+    "NoCoverageTarget",
+    "calibrate_rho",
+    "calibration_pairs_needed",
+    "calibration_split",
+    "coverage_confidence",
+    "cross_validated_coverage",
+]
 
 #: The log grid of attacker precisions searched by :func:`calibrate_rho` (1e-5 … 1, 4 points per decade).
 RHO_GRID: tuple[float, ...] = tuple(10.0 ** (e / 4) for e in range(-20, 1))
@@ -127,3 +137,61 @@ def calibration_pairs_needed(confidence: float = 0.95, target: float = 0.95) -> 
     while coverage_confidence(n, 0, target) < confidence:
         n += 1
     return n
+
+
+class NoCoverageTarget(ValueError):
+    """No candidate calibration coverage keeps every left-out run at the required coverage; ``table`` holds the
+    left-out coverage of every run for every candidate tried."""
+
+    def __init__(self, message: str, table: dict[float, list[float]]) -> None:
+        super().__init__(message)
+        self.table = table
+
+
+def cross_validated_coverage(
+    held_out_coverage: Callable[[float, int], float],
+    n_runs: int,
+    candidates: Sequence[float],
+    *,
+    required: float = 0.95,
+) -> tuple[float, dict[float, list[float]]]:
+    """The calibration coverage to demand, chosen by leaving one calibration run out.
+
+    Pairs of one run share its models and its prior, so they are not exchangeable with another run's, and a
+    calibration that covers a share ``c`` of its pairs covers less of a new run's (the order-statistic bound of
+    :func:`coverage_confidence` assumes exchangeable pairs). For every candidate ``c`` and every run ``r``,
+    ``held_out_coverage(c, r)`` fits on the other runs' pairs with calibration coverage ≥ ``c`` and returns the
+    coverage on run ``r``'s pairs. The answer is the smallest candidate whose every left-out run reaches
+    ``required``.
+
+    Returns:
+        The chosen candidate and, for every candidate tried, the left-out coverage of each run. Candidates above
+        the first that works are not tried.
+
+    Raises:
+        ValueError: fewer than two runs, no candidate, or a candidate outside ``(0, 1]``.
+        NoCoverageTarget: no candidate for which every left-out run reaches ``required`` (then more runs, or a
+            model that fits them, are needed); it carries the table.
+    """
+    if n_runs < 2:
+        raise ValueError(
+            f"invdefend.fidelity.cross_validated_coverage: n_runs={n_runs}; leaving one run out needs at least two "
+            "calibration runs"
+        )
+    if not candidates or not all(0.0 < c <= 1.0 for c in candidates):
+        raise ValueError(
+            f"invdefend.fidelity.cross_validated_coverage: candidates={list(candidates)} must be a non-empty list of "
+            "shares in (0, 1]"
+        )
+    if not 0.0 < required <= 1.0:
+        raise ValueError(f"invdefend.fidelity.cross_validated_coverage: required={required} must be in (0, 1]")
+    table: dict[float, list[float]] = {}
+    for c in sorted(candidates):
+        table[c] = [float(held_out_coverage(c, r)) for r in range(n_runs)]
+        if min(table[c]) >= required:
+            return c, table
+    raise NoCoverageTarget(
+        "invdefend.fidelity.cross_validated_coverage: no candidate calibration coverage keeps every left-out run at "
+        f">= {required} (left-out coverages: {table}); add calibration runs or a model that fits them",
+        table,
+    )

@@ -9,10 +9,12 @@ import torch
 
 from invdefend.fidelity import (
     RHO_GRID,
+    NoCoverageTarget,
     calibrate_rho,
     calibration_pairs_needed,
     calibration_split,
     coverage_confidence,
+    cross_validated_coverage,
 )
 from invdefend.risk import invloss_from_values, predicted_psnr, reference_noise
 from invdefend.stats import spearman
@@ -77,3 +79,67 @@ def test_coverage_confidence_closed_form_and_pairs_needed() -> None:
         coverage_confidence(10, 10)
     with pytest.raises(ValueError, match="target"):
         coverage_confidence(10, 0, 1.0)
+
+
+def _runs(gen: torch.Generator, n_runs: int, pairs: int, run_sd: float) -> list[torch.Tensor]:
+    """Excesses (attacked − predicted dB) of ``n_runs`` runs: a shift per run (its models, its prior) plus a
+    shift per pair."""
+    return [run_sd * torch.randn(1, generator=gen) + torch.randn(pairs, generator=gen) for _ in range(n_runs)]
+
+
+def _offset_fit(train: list[torch.Tensor], c: float) -> float:
+    """The least offset covering a share ``c`` of the pooled training excesses (a one-parameter calibration)."""
+    pooled = torch.sort(torch.cat(train)).values
+    return float(pooled[min(len(pooled), math.ceil(c * len(pooled))) - 1])
+
+
+def test_cross_validated_coverage_picks_the_least_candidate_every_left_out_run_meets() -> None:
+    gen = torch.Generator().manual_seed(3)
+    runs = _runs(gen, 3, 300, run_sd=0.6)
+    cands = [0.95, 0.96, 0.97, 0.98, 0.99, 1.0]
+
+    def held(c: float, r: int) -> float:
+        offset = _offset_fit([x for i, x in enumerate(runs) if i != r], c)
+        return float((runs[r] <= offset).double().mean())
+
+    chosen, table = cross_validated_coverage(held, 3, cands)
+    brute = [c for c in cands if all(held(c, r) >= 0.95 for r in range(3))]
+    assert chosen == brute[0]
+    assert sorted(table) == [c for c in cands if c <= chosen]  # stops at the first that works
+    assert table[chosen] == [held(chosen, r) for r in range(3)]
+
+
+def test_cross_validated_coverage_keeps_a_new_run_covered_where_pooled_calibration_does_not() -> None:
+    """Monte-Carlo with a run effect: demanding 0.95 of the pooled calibration pairs leaves a fresh run below
+    0.95 about half the time; the leave-one-run-out choice does so much less often."""
+    gen = torch.Generator().manual_seed(0)
+    cands = [0.95 + 0.005 * i for i in range(11)]
+    naive_ok, cv_ok, trials = 0, 0, 200
+    for _ in range(trials):
+        runs = _runs(gen, 4, 200, run_sd=0.5)
+        cal, fresh = runs[:3], runs[3]
+
+        def held(c: float, r: int, cal: list[torch.Tensor] = cal) -> float:
+            offset = _offset_fit([x for i, x in enumerate(cal) if i != r], c)
+            return float((cal[r] <= offset).double().mean())
+
+        try:
+            chosen, _ = cross_validated_coverage(held, 3, cands)
+        except ValueError:
+            chosen = 1.0
+        naive_ok += float((fresh <= _offset_fit(cal, 0.95)).double().mean()) >= 0.95
+        cv_ok += float((fresh <= _offset_fit(cal, chosen)).double().mean()) >= 0.95
+    assert naive_ok / trials < 0.7
+    assert cv_ok / trials > naive_ok / trials + 0.15
+
+
+def test_cross_validated_coverage_rejects_bad_input_and_says_when_nothing_works() -> None:
+    with pytest.raises(ValueError, match="at least two"):
+        cross_validated_coverage(lambda c, r: 1.0, 1, [0.95])
+    with pytest.raises(ValueError, match="shares in"):
+        cross_validated_coverage(lambda c, r: 1.0, 3, [])
+    with pytest.raises(ValueError, match="shares in"):
+        cross_validated_coverage(lambda c, r: 1.0, 3, [1.5])
+    with pytest.raises(NoCoverageTarget, match="no candidate") as err:
+        cross_validated_coverage(lambda c, r: 0.9 + 0.01 * r, 3, [0.95, 1.0])
+    assert err.value.table == {0.95: [0.9, 0.91, 0.92], 1.0: [0.9, 0.91, 0.92]}
