@@ -422,6 +422,13 @@ def fit_families(groups: list[dict], rows: list[tuple[int, dict]], kind: str, ca
                          cap, target, margin) for f in families}
 
 
+def predict_fitted(groups: list[dict], rows: list[tuple[int, dict]], kind: str,
+                   fitted: dict[str, tuple[float, float, float, float]], calibrate_per: str, cap: float) -> list[float]:
+    """Predicted PSNR of each row under its family's fitted (ρ, κ) (``fitted`` as :func:`fit_families` returns)."""
+    return [predict(groups[g], [row], kind, *fitted[family_name(groups[g], calibrate_per)][:2], cap)[0]
+            for g, row in rows]
+
+
 def calibrate_from_runs(paths: list[str], out: Path, *, cap: float, margin: float, calibrate_per: str) -> dict:
     """Fit the frozen calibration on every pair of other runs and write it to ``out``.
 
@@ -459,9 +466,8 @@ def calibrate_from_runs(paths: list[str], out: Path, *, cap: float, margin: floa
             fitted = fit_families(groups, [(g, row) for g, row in rows if run_of[g] != r], kind, cap, target, margin,
                                   calibrate_per)
             test = [(g, row) for g, row in rows if run_of[g] == r]
-            pred = [predict(groups[g], [row], kind, *fitted[family_name(groups[g], calibrate_per)][:2], cap)[0]
-                    for g, row in test]
-            return sum(strongest(row) <= p + COVERAGE_MARGIN_DB for (_, row), p in zip(test, pred)) / len(test)
+            pred = predict_fitted(groups, test, kind, fitted, calibrate_per, cap)
+            return figures(pred, [strongest(row) for _, row in test], [row["energy"] for _, row in test])["coverage"]
 
         try:
             target, table = cross_validated_coverage(held_out, len(runs), COVERAGE_CANDIDATES,
@@ -650,8 +656,7 @@ def main() -> None:
             fitted = fit_families(groups, cal_rows, kind, args.cap_db, args.coverage_target,
                                   args.calibration_margin_db, args.calibrate_per)
             n_cal = {fam: sum(family_of(g) == fam for g, _ in cal_rows) for fam in families}
-        pred = [predict(groups[g], [row], kind, fitted[family_of(g)][0], fitted[family_of(g)][1], args.cap_db)[0]
-                for g, row in held_rows]
+        pred = predict_fitted(groups, held_rows, kind, fitted, args.calibrate_per, args.cap_db)
         att = [strongest(row) for _, row in held_rows]
         energies = [row["energy"] for _, row in held_rows]
         fig = figures(pred, att, energies)
